@@ -189,6 +189,10 @@ def make_qnode(n_qubits: int, readout: str = "paper"):
 def _qnode_modulation(n_qubits: int, readout: str) -> Circuit:
   qnode = _quietly(make_qnode(n_qubits, readout))
 
+  # jit caches the traced QNode per batch shape: leaves of equal shape (every
+  # layer of a transformer) trace the circuit once. Inside an outer jit the
+  # call is inlined into the same XLA program.
+  @jax.jit
   def fn(theta: jax.Array) -> jax.Array:
     expvals = qnode(theta.astype(jnp.float32))
     out = -jnp.stack([jnp.reshape(e, theta.shape[:1]) for e in expvals], -1)
