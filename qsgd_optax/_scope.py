@@ -59,11 +59,34 @@ def _split_dim(shape: Sequence[int], k: int) -> int:
   return d
 
 
+def _explicitly_sharded(x: jax.Array) -> bool:
+  """True for arrays whose type carries an explicit sharding on some dim."""
+  try:
+    sharding = jax.typeof(x).sharding
+  except Exception:  # pylint: disable=broad-except
+    return False
+  spec = getattr(sharding, "spec", None)
+  mesh = getattr(sharding, "mesh", None)
+  if not spec or mesh is None or getattr(mesh, "empty", True):
+    return False
+  return any(s is not None for s in spec)
+
+
 def head(x: jax.Array, k: int) -> jax.Array:
-  """The first ``k`` row-major entries of ``x`` as a 1-D array (small slice)."""
+  """The first ``k`` row-major entries of ``x`` as a 1-D array (small slice).
+
+  Under explicit sharding a static slice of a sharded dim is not allowed;
+  there the ``k`` entries are gathered into a replicated ``float[k]``
+  (``k`` elements move, never the leaf).
+  """
   shape = x.shape
+  if _explicitly_sharded(x):
+    index = np.unravel_index(np.arange(k), shape)
+    return x.at[tuple(jnp.asarray(i, jnp.int32) for i in index)].get(
+        out_sharding=jax.sharding.PartitionSpec()
+    )
   d = _split_dim(shape, k)
-  if d == len(shape):  # k <= 1 handled by an empty suffix only when k == 0
+  if d == len(shape):  # scalar leaf
     return x.reshape(-1)[:k]
   inner = math.prod(shape[d + 1:])
   rows = -(-k // inner)
@@ -130,11 +153,26 @@ def _combine(u, x, mask, coef, weight, multiplicative=False):
 
 
 def _registers_all(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
-  """Modulation of every entry of ``p``, registers of ``n`` row-major entries."""
+  """Modulation of every entry of ``p``, registers of ``n`` row-major entries.
+
+  Under explicit sharding, a leaf whose last dim is unsharded and divisible
+  by ``n`` keeps its sharding; any other explicitly sharded leaf is gathered
+  for the register reshape and the result resharded back (documented cost).
+  """
   n = modulator.n_qubits
   if modulator.elementwise:
     return modulator.fn(p.astype(jnp.promote_types(p.dtype, jnp.float32)))
   shape = p.shape
+  if _explicitly_sharded(p):
+    P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+    spec = tuple(jax.typeof(p).sharding.spec)
+    spec = spec + (None,) * (len(shape) - len(spec))
+    if shape and shape[-1] % n == 0 and spec[-1] is None:
+      regs = jax.lax.reshape(p, shape[:-1] + (shape[-1] // n, n),
+                             out_sharding=P(*spec, None))
+      return jax.lax.reshape(modulator(regs), shape, out_sharding=P(*spec))
+    full = jax.sharding.reshard(p, P())
+    return jax.sharding.reshard(_registers_all(full, modulator), P(*spec))
   if shape and shape[-1] % n == 0:
     regs = p.reshape(shape[:-1] + (shape[-1] // n, n))
     return modulator(regs).reshape(shape)
