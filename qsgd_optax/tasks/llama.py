@@ -27,6 +27,7 @@ meant for sanity checks, not for serving.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -291,6 +292,13 @@ class Llama(nnx.Module):
     return logits.astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _next_token(graphdef: nnx.GraphDef, state: Any, buf: jax.Array,
+                length: jax.Array) -> jax.Array:
+  logits = nnx.merge(graphdef, state)(buf[None])[0]
+  return jnp.argmax(logits[length - 1]).astype(jnp.int32)
+
+
 def generate(model: Llama, prompt: list[int] | jax.Array, max_new_tokens: int,
              *, stop_token: int | None = None) -> list[int]:
   """Greedy decoding without a cache, for sanity checks.
@@ -314,19 +322,12 @@ def generate(model: Llama, prompt: list[int] | jax.Array, max_new_tokens: int,
     raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
   total = len(prompt) + max_new_tokens
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def next_token(state, buf, length):
-    m = nnx.merge(graphdef, state)
-    logits = m(buf[None])[0]
-    return jnp.argmax(logits[length - 1]).astype(jnp.int32)
-
   buf = jnp.zeros((total,), jnp.int32).at[:len(prompt)].set(
       jnp.asarray(prompt, jnp.int32))
   out: list[int] = []
   length = len(prompt)
   for _ in range(max_new_tokens):
-    tok = int(next_token(state, buf, length))
+    tok = int(_next_token(graphdef, state, buf, length))
     out.append(tok)
     if stop_token is not None and tok == stop_token:
       break

@@ -156,13 +156,23 @@ def _frequencies(n_qubits: int) -> tuple[int, ...]:
   return tuple(range(n_qubits, -1, -2))
 
 
-def _basis(b: jax.Array | np.ndarray, n_qubits: int, xp=jnp) -> list:
-  """The ``n + 1`` functions ``cos(f b)``, ``sin(f b)`` (``sin(0 b)`` left out)."""
+def _basis(b, n_qubits: int, xp=jnp) -> list:
+  """The ``n + 1`` functions ``cos(f b)``, ``sin(f b)`` (``sin(0 b)`` left out).
+
+  One ``cos``/``sin`` pair is evaluated; higher harmonics follow by the
+  angle-addition recurrence (cheap, elementwise, fused by XLA).
+  """
+  c1, s1 = xp.cos(b), xp.sin(b)
+  harmonics = {0: (xp.ones_like(b), xp.zeros_like(b)), 1: (c1, s1)}
+  for f in range(2, n_qubits + 1):
+    c, s = harmonics[f - 1]
+    harmonics[f] = (c * c1 - s * s1, s * c1 + c * s1)
   terms = []
   for f in _frequencies(n_qubits):
-    terms.append(xp.cos(f * b))
+    c, s = harmonics[f]
+    terms.append(c)
     if f:
-      terms.append(xp.sin(f * b))
+      terms.append(s)
   return terms
 
 

@@ -1,0 +1,380 @@
+"""The paper's text-classification experiment: model, jitted steps and one train loop.
+
+A Flax NNX transformer sequence classifier in the paper's configuration
+(embedding 64, 4 heads, feed-forward 128, 2 layers, dropout 0.1, FP32),
+with standard or quantum attention (:mod:`qsgd_optax.tasks.quantum_attention`),
+trained by one optimizer arm (:mod:`qsgd_optax.tasks._common`) on a task from
+:mod:`qsgd_optax.tasks.text_data`.
+
+:func:`train_and_evaluate` is the only training loop of the project: the
+example CLI and the benchmarks call it. Its train step is one ``jax.jit``
+over the split NNX state, holding forward, backward and the whole optimizer
+update (for ``qsgd`` arms the QSGD circuit too); evaluation is jitted too.
+
+Example:
+
+  >>> config = ClassificationConfig(epochs=1, n_train=64, n_test=32, seq_len=8)
+  >>> run = train_and_evaluate(config, parse_arm("adamw"), seed=0)
+  >>> sorted(k for k in run if k.startswith("test_"))
+  ['test_accuracy', 'test_loss']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qsgd_optax.tasks import text_data
+from qsgd_optax.tasks._common import Arm, format_table, group_runs, make_optimizer, mean_std, parse_arm, progress_bar
+from qsgd_optax.tasks.quantum_attention import METHODS, MultiHeadSelfAttention
+
+__all__ = [
+    "ATTENTIONS",
+    "POOLINGS",
+    "TASKS",
+    "ClassificationConfig",
+    "TransformerClassifier",
+    "comparison_table",
+    "create_model",
+    "epochs_to_target",
+    "eval_step",
+    "load_task",
+    "train_and_evaluate",
+    "train_step",
+]
+
+TASKS: tuple[str, ...] = ("synthetic", "polarity")
+ATTENTIONS: tuple[str, ...] = ("standard", "quantum")
+POOLINGS: tuple[str, ...] = ("mean", "cls")
+_EVAL_BATCH = 250
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationConfig:
+  """Everything that defines a classification run except the arm and seed.
+
+  Defaults are the paper's configuration on the synthetic task.
+
+  Attributes:
+    task: ``"synthetic"`` or ``"polarity"``.
+    epochs: passes over the training split.
+    batch_size: training batch size (the last partial batch is dropped).
+    learning_rate: constant learning rate.
+    weight_decay: decoupled weight decay.
+    target_accuracy: the test accuracy ``epochs_to_target`` waits for.
+    embed_dim, num_heads, ff_dim, num_layers, dropout: the transformer.
+    pooling: ``"mean"`` (over real tokens) or ``"cls"`` (a learned token).
+    attention: ``"standard"`` or ``"quantum"``.
+    n_qubits: qubits of the quantum attention circuit.
+    quantum_method: ``"spectral"`` or ``"direct"`` (see quantum_attention).
+    n_train, n_test, seq_len: synthetic task size (``seq_len`` is the
+      polarity truncation length too).
+    data_seed: fixes the data split (model seeds vary independently).
+  """
+
+  task: str = "synthetic"
+  epochs: int = 15
+  batch_size: int = 32
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.0
+  target_accuracy: float = 0.9
+  embed_dim: int = 64
+  num_heads: int = 4
+  ff_dim: int = 128
+  num_layers: int = 2
+  dropout: float = 0.1
+  pooling: str = "mean"
+  attention: str = "standard"
+  n_qubits: int = 4
+  quantum_method: str = "spectral"
+  n_train: int = 2000
+  n_test: int = 1000
+  seq_len: int = 32
+  data_seed: int = 0
+
+  def __post_init__(self) -> None:
+    for name, accepted in (("task", TASKS), ("attention", ATTENTIONS), ("pooling", POOLINGS),
+                           ("quantum_method", METHODS)):
+      if getattr(self, name) not in accepted:
+        raise ValueError(f"{name} must be one of {accepted}, got {getattr(self, name)!r}")
+    for name in ("epochs", "batch_size", "embed_dim", "num_heads", "ff_dim", "num_layers", "n_train",
+                 "n_test", "seq_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+      raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+    if not 0 <= self.dropout < 1:
+      raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+    if not 0 < self.target_accuracy <= 1:
+      raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy!r}")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+
+
+# --------------------------------------------------------------------------- model
+
+
+class EncoderBlock(nnx.Module):
+  """Post-norm transformer encoder block: attention and feed-forward, residual + LayerNorm."""
+
+  def __init__(self, config: ClassificationConfig, *, rngs: nnx.Rngs):
+    self.attention = MultiHeadSelfAttention(
+        config.embed_dim, config.num_heads, dropout=config.dropout, quantum=config.attention == "quantum",
+        n_qubits=config.n_qubits, method=config.quantum_method, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(config.embed_dim, rngs=rngs)
+    self.ff_in = nnx.Linear(config.embed_dim, config.ff_dim, rngs=rngs)
+    self.ff_out = nnx.Linear(config.ff_dim, config.embed_dim, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(config.embed_dim, rngs=rngs)
+    self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    x = self.norm1(x + self.dropout(self.attention(x, mask)))
+    h = self.ff_out(self.dropout(jax.nn.relu(self.ff_in(x))))
+    return self.norm2(x + self.dropout(h))
+
+
+class TransformerClassifier(nnx.Module):
+  """Token + learned position embeddings, encoder blocks, pooling, linear head.
+
+  Call on ``int32[batch, length]`` tokens (``0`` = padding); returns
+  ``float32[batch, num_classes]`` logits. Use ``.train()`` / ``.eval()`` to
+  switch dropout.
+  """
+
+  def __init__(self, config: ClassificationConfig, vocab_size: int, num_classes: int, max_len: int,
+               *, rngs: nnx.Rngs):
+    self.pooling = config.pooling
+    self.embed = nnx.Embed(vocab_size, config.embed_dim, rngs=rngs)
+    extra = 1 if config.pooling == "cls" else 0
+    self.position = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len + extra, config.embed_dim)))
+    self.cls = nnx.Param(jnp.zeros((1, 1, config.embed_dim))) if extra else None
+    self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+    self.blocks = nnx.List([EncoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.head = nnx.Linear(config.embed_dim, num_classes, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    mask = tokens != text_data.PAD
+    x = self.embed(tokens)
+    if self.cls is not None:
+      x = jnp.concatenate([jnp.broadcast_to(self.cls[...], (x.shape[0], 1, x.shape[2])), x], axis=1)
+      mask = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1)
+    x = self.dropout(x + self.position[: x.shape[1]])
+    for block in self.blocks:
+      x = block(x, mask)
+    if self.cls is not None:
+      pooled = x[:, 0]
+    else:
+      weights = mask[..., None].astype(x.dtype)
+      pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+    return self.head(pooled)
+
+
+def create_model(config: ClassificationConfig, dataset: text_data.TextDataset, seed: int) -> TransformerClassifier:
+  """A freshly initialised classifier for ``dataset``; ``seed`` fixes init and dropout."""
+  rngs = nnx.Rngs(params=seed, dropout=seed + 1_000_003)
+  return TransformerClassifier(config, dataset.vocab_size, dataset.num_classes, dataset.seq_len, rngs=rngs)
+
+
+def load_task(config: ClassificationConfig) -> text_data.TextDataset:
+  """The dataset ``config`` names, with its fixed split."""
+  if config.task == "synthetic":
+    return text_data.make_synthetic(config.n_train, config.n_test, seq_len=config.seq_len, seed=config.data_seed)
+  return text_data.load_polarity(max_len=config.seq_len, seed=config.data_seed)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _metrics() -> nnx.MultiMetric:
+  return nnx.MultiMetric(loss=nnx.metrics.Average("loss"), accuracy=nnx.metrics.Accuracy())
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, labels: jax.Array) -> nnx.State:
+  """One optimizer step on a batch; also accumulates the training metrics."""
+  model, optimizer, metrics = nnx.merge(graphdef, state)
+
+  def loss_fn(model: TransformerClassifier) -> tuple[jax.Array, jax.Array]:
+    logits = model(tokens)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return losses.mean(), (logits, losses)
+
+  (_, (logits, losses)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
+  metrics.update(loss=losses, logits=logits, labels=labels)
+  return nnx.state((model, optimizer, metrics))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def eval_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, labels: jax.Array,
+               valid: jax.Array) -> nnx.State:
+  """Accumulates loss and accuracy on a (possibly padded) batch; ``valid`` masks padding rows."""
+  model, metrics = nnx.merge(graphdef, state)
+  logits = model(tokens)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  metrics.update(loss=losses, logits=logits, labels=labels, mask=valid)
+  return nnx.state((model, metrics))
+
+
+def _evaluate(model: TransformerClassifier, split: text_data.Split) -> dict[str, float]:
+  """Loss and accuracy of ``model`` (in eval mode) on a whole split."""
+  metrics = _metrics()
+  model.eval()
+  graphdef, state = nnx.split((model, metrics))
+  n = len(split)
+  for start in range(0, n, _EVAL_BATCH):
+    tokens, labels = split.tokens[start:start + _EVAL_BATCH], split.labels[start:start + _EVAL_BATCH]
+    pad = _EVAL_BATCH - len(labels)
+    valid = np.arange(_EVAL_BATCH) < len(labels)
+    if pad:
+      tokens = np.pad(tokens, ((0, pad), (0, 0)))
+      labels = np.pad(labels, (0, pad))
+    state = eval_step(graphdef, state, tokens, labels, valid)
+  model.train()
+  _, metrics = nnx.merge(graphdef, state)
+  return {k: float(v) for k, v in metrics.compute().items()}
+
+
+def epochs_to_target(accuracies: Sequence[float], target: float) -> int | None:
+  """First epoch (1-based) whose accuracy reaches ``target``, else ``None``.
+
+  >>> epochs_to_target([0.5, 0.91, 0.89, 0.95], 0.9)
+  2
+  """
+  for epoch, accuracy in enumerate(accuracies, 1):
+    if accuracy >= target:
+      return epoch
+  return None
+
+
+# --------------------------------------------------------------------------- loop
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(arm: Arm, learning_rate: float, weight_decay: float, n_qubits: int) -> optax.GradientTransformation:
+  """One transformation object per setting, so seeds of an arm share the compiled step."""
+  return make_optimizer(arm, learning_rate, weight_decay=weight_decay, n_qubits=n_qubits)
+
+
+def train_and_evaluate(
+    config: ClassificationConfig,
+    arm: Arm,
+    seed: int,
+    *,
+    dataset: text_data.TextDataset | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+  """Trains one model with one optimizer arm and returns its run record.
+
+  Args:
+    config: the experiment configuration.
+    arm: the optimizer arm.
+    seed: fixes initialisation, dropout and batch order (not the data split).
+    dataset: the already loaded task, to share it across runs; loaded from
+      ``config`` when ``None``.
+    progress: show a per-epoch progress bar.
+
+  Returns:
+    A JSON-ready record: the arm's fields and ``seed``; per-epoch lists
+    ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy`` (and
+    ``validation_*`` when the task has a validation split); ``final_accuracy``
+    (last test accuracy), ``best_accuracy``, ``epochs_to_target``,
+    ``wall_time_s`` (the whole run), ``compile_time_s`` (near 0 when an
+    earlier run of the same arm and shapes already compiled the step) and
+    ``mean_step_time_s`` (training wall time per optimizer step, compile
+    excluded), ``steps``, ``diverged`` (a non-finite training loss).
+  """
+  data = dataset if dataset is not None else load_task(config)
+  start = time.perf_counter()
+  model = create_model(config, data, seed)
+  tx = _optimizer(arm, config.learning_rate, config.weight_decay, config.n_qubits)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  metrics = _metrics()
+  model.train()
+  graphdef, state = nnx.split((model, optimizer, metrics))
+
+  steps_per_epoch = len(data.train) // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"batch_size ({config.batch_size}) exceeds the {len(data.train)} training sequences")
+  batch_shape = (config.batch_size, data.seq_len)
+  compile_start = time.perf_counter()
+  step = train_step.lower(graphdef, state, jax.ShapeDtypeStruct(batch_shape, jnp.int32),
+                           jax.ShapeDtypeStruct(batch_shape[:1], jnp.int32)).compile()
+  compile_time = time.perf_counter() - compile_start
+
+  order_rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
+  history: dict[str, list[float]] = {}
+  train_time = 0.0
+  for _ in progress_bar(range(config.epochs), desc=f"{arm.label} seed={seed}", disable=not progress, leave=False):
+    order = order_rng.permutation(len(data.train))[: steps_per_epoch * config.batch_size]
+    tokens = data.train.tokens[order].reshape(steps_per_epoch, *batch_shape)
+    labels = data.train.labels[order].reshape(steps_per_epoch, config.batch_size)
+    epoch_start = time.perf_counter()
+    for i in range(steps_per_epoch):
+      state = step(state, tokens[i], labels[i])
+    jax.block_until_ready(state)
+    train_time += time.perf_counter() - epoch_start
+
+    nnx.update((model, optimizer, metrics), state)
+    for key, value in metrics.compute().items():
+      history.setdefault(f"train_{key}", []).append(float(value))
+    metrics.reset()
+    splits = {"test": data.test, "validation": data.validation}
+    for name, split in splits.items():
+      if split is not None:
+        for key, value in _evaluate(model, split).items():
+          history.setdefault(f"{name}_{key}", []).append(value)
+    graphdef, state = nnx.split((model, optimizer, metrics))
+
+  test_accuracy = history["test_accuracy"]
+  return {
+      **history,
+      "final_accuracy": test_accuracy[-1],
+      "best_accuracy": max(test_accuracy),
+      "epochs_to_target": epochs_to_target(test_accuracy, config.target_accuracy),
+      "steps": steps_per_epoch * config.epochs,
+      "wall_time_s": time.perf_counter() - start,
+      "compile_time_s": compile_time,
+      "mean_step_time_s": train_time / (steps_per_epoch * config.epochs),
+      "diverged": not all(math.isfinite(v) for v in history["train_loss"]),
+  }
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _fmt(mean: float, std: float, n: int, digits: int = 3) -> str:
+  if n == 0:
+    return "-"
+  return f"{mean:.{digits}f} +- {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def comparison_table(runs: Sequence[Mapping[str, Any]], target_accuracy: float = 0.9) -> str:
+  """One row per arm: final test accuracy, epochs to target, step time (mean +- std over seeds).
+
+  ``epochs to target`` averages the seeds that reached it and says how many did.
+  """
+  rows = []
+  for label, group in group_runs(runs).items():
+    final = mean_std(r["final_accuracy"] for r in group)
+    reached = [r["epochs_to_target"] for r in group if r["epochs_to_target"] is not None]
+    to_target = mean_std(reached)
+    step_ms = mean_std(1e3 * r["mean_step_time_s"] for r in group)
+    rows.append([
+        label, len(group), _fmt(*final),
+        f"{_fmt(*to_target, digits=1)} ({len(reached)}/{len(group)})",
+        _fmt(*step_ms, digits=2),
+    ])
+  headers = ["arm", "seeds", "final test acc", f"epochs to {target_accuracy:.0%}", "step ms"]
+  return format_table(headers, rows)

@@ -1,0 +1,151 @@
+"""Tests for the transformer classifier, its jitted steps and the training loop."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qsgd_optax.tasks import _common, classification, text_data
+
+TINY = dict(n_train=96, n_test=40, seq_len=10, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> text_data.TextDataset:
+  return text_data.make_synthetic(TINY["n_train"], TINY["n_test"], seq_len=TINY["seq_len"], seed=0)
+
+
+@pytest.mark.parametrize(
+    "pooling, attention",
+    [pytest.param("mean", "standard", id="mean-standard"), pytest.param("cls", "quantum", id="cls-quantum")],
+)
+def test_model_shapes_and_padding_invariance(pooling, attention):
+  config = classification.ClassificationConfig(pooling=pooling, attention=attention)
+  model = classification.TransformerClassifier(config, vocab_size=20, num_classes=3, max_len=8, rngs=nnx.Rngs(0))
+  model.eval()
+  tokens = jnp.asarray([[5, 6, 7, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]], dtype=jnp.int32)
+  apply = nnx.jit(lambda m, t: m(t))
+  logits = apply(model, tokens)
+  assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+  # trailing padding is invisible: the same sentence without it gives the same logits
+  np.testing.assert_allclose(apply(model, tokens[:1, :3]), logits[:1], atol=1e-5)
+  assert float(jnp.abs(logits[0] - logits[1]).max()) > 1e-4
+
+
+def test_paper_configuration_is_the_default():
+  config = classification.ClassificationConfig()
+  paper = (config.embed_dim, config.num_heads, config.ff_dim, config.num_layers, config.dropout,
+           config.batch_size, config.learning_rate, config.weight_decay)
+  assert paper == (64, 4, 128, 2, 0.1, 32, 1e-3, 0.0)
+  model = classification.create_model(config, text_data.make_synthetic(4, 4), seed=0)
+  params = nnx.state(model, nnx.Param)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+
+
+def test_dropout_is_active_in_train_mode_only():
+  config = classification.ClassificationConfig()
+  model = classification.create_model(config, text_data.make_synthetic(4, 4, seq_len=8), seed=0)
+  tokens = jnp.arange(1, 9, dtype=jnp.int32)[None]
+  model.train()
+  a, b = model(tokens), model(tokens)
+  model.eval()
+  c, d = model(tokens), model(tokens)
+  assert float(jnp.abs(a - b).max()) > 1e-6
+  np.testing.assert_array_equal(c, d)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        pytest.param({"task": "mnist"}, "task", id="task"),
+        pytest.param({"attention": "linear"}, "attention", id="attention"),
+        pytest.param({"pooling": "max"}, "pooling", id="pooling"),
+        pytest.param({"epochs": 0}, "epochs", id="epochs"),
+        pytest.param({"learning_rate": -1.0}, "learning_rate", id="lr"),
+        pytest.param({"dropout": 1.0}, "dropout", id="dropout"),
+        pytest.param({"target_accuracy": 1.5}, "target_accuracy", id="target"),
+        pytest.param({"embed_dim": 66}, "divisible", id="heads"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    classification.ClassificationConfig(**kwargs)
+
+
+def test_epochs_to_target():
+  assert classification.epochs_to_target([0.5, 0.89, 0.9, 0.8], 0.9) == 3
+  assert classification.epochs_to_target([0.5, 0.89], 0.9) is None
+  assert classification.epochs_to_target([], 0.9) is None
+
+
+def test_train_step_updates_everything_including_circuit_angles(tiny_data):
+  config = classification.ClassificationConfig(attention="quantum", **TINY)
+  model = classification.create_model(config, tiny_data, seed=0)
+  before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+  tx = _common.make_optimizer(_common.parse_arm("qsgd:0.5"), 1e-2)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  metrics = classification._metrics()
+  model.train()
+  graphdef, state = nnx.split((model, optimizer, metrics))
+  batch = tiny_data.train.tokens[:32], tiny_data.train.labels[:32]
+  state = classification.train_step(graphdef, state, *batch)
+  state = classification.train_step(graphdef, state, *batch)
+  model, optimizer, metrics = nnx.merge(graphdef, state)
+  after = nnx.state(model, nnx.Param)
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), after, before)
+  assert all(jax.tree.leaves(changed))  # the circuit angles (ry, rz of every layer) included
+  assert len([p for p in jax.tree_util.tree_leaves_with_path(changed) if "bias" in str(p[0])
+              and ("'ry'" in str(p[0]) or "'rz'" in str(p[0]))]) == 4
+  assert int(optimizer.step[...]) == 2
+  computed = metrics.compute()
+  assert 0 <= float(computed["accuracy"]) <= 1 and math.isfinite(float(computed["loss"]))
+
+
+def test_train_and_evaluate_record(tiny_data):
+  config = classification.ClassificationConfig(**TINY, target_accuracy=0.05)
+  run = classification.train_and_evaluate(config, _common.parse_arm("adamw"), seed=0, dataset=tiny_data)
+  for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+    assert len(run[key]) == 2 and all(math.isfinite(v) for v in run[key])
+  assert run["final_accuracy"] == run["test_accuracy"][-1]
+  assert run["epochs_to_target"] == 1  # every accuracy reaches 5%
+  assert run["steps"] == 2 * (96 // 32)
+  assert run["mean_step_time_s"] > 0 and run["wall_time_s"] > run["mean_step_time_s"]
+  assert run["diverged"] is False
+  # the per-epoch test accuracy is a fraction of the 40 test sequences
+  assert all(abs(a * 40 - round(a * 40)) < 1e-3 for a in run["test_accuracy"])
+
+
+def test_train_and_evaluate_is_reproducible_per_seed(tiny_data):
+  config = classification.ClassificationConfig(**TINY)
+  arm = _common.parse_arm("qsgd:0.5")
+  a = classification.train_and_evaluate(config, arm, seed=1, dataset=tiny_data)
+  b = classification.train_and_evaluate(config, arm, seed=1, dataset=tiny_data)
+  c = classification.train_and_evaluate(config, arm, seed=2, dataset=tiny_data)
+  assert a["train_loss"] == b["train_loss"] and a["test_accuracy"] == b["test_accuracy"]
+  assert a["train_loss"] != c["train_loss"]
+
+
+def test_training_learns_the_synthetic_task():
+  # A shortened, easier version of the real task: AdamW must get well above chance.
+  data = text_data.make_synthetic(1024, 200, seq_len=12, markers_per_class=1, seed=0)
+  config = classification.ClassificationConfig(epochs=5, n_train=1024, n_test=200, seq_len=12)
+  run = classification.train_and_evaluate(config, _common.parse_arm("adamw"), seed=0, dataset=data)
+  assert run["train_loss"][-1] < run["train_loss"][0] - 0.2
+  assert run["best_accuracy"] >= 0.8
+
+
+def test_comparison_table():
+  def run(arm, seed, final, epochs):
+    return {**_common.parse_arm(arm).record(), "seed": seed, "final_accuracy": final,
+            "epochs_to_target": epochs, "mean_step_time_s": 0.01}
+
+  runs = [run("adamw", 0, 0.91, 7), run("adamw", 1, 0.93, 9), run("qsgd:0.5", 0, 0.8, None)]
+  table = classification.comparison_table(runs, 0.9).splitlines()
+  assert table[0].split()[:2] == ["arm", "seeds"] and "epochs to 90%" in table[0]
+  assert table[2].startswith("adamw") and "0.920 +- 0.014" in table[2] and "8.0 +- 1.4 (2/2)" in table[2]
+  assert table[3].startswith("qsgd:0.5") and "0.800" in table[3] and "- (0/1)" in table[3]

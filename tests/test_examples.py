@@ -1,0 +1,88 @@
+"""The example CLIs end to end: --smoke runs, --help, and argument errors.
+
+Each CLI runs in a subprocess exactly as a user would start it; the tests
+check the DESIGN.md output contract (summary.json, PNG) and that the numbers
+in it are consistent with themselves (not just present).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def _run(script, *args, timeout=600):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, str(EXAMPLES / script), *args],
+                        capture_output=True, text=True, env=env,
+                        timeout=timeout, check=False, cwd=ROOT)
+
+
+def _png(path: Path) -> bool:
+  return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("script", ["sequence_classification.py", "finetune_lm.py"])
+def test_help(script):
+  proc = _run(script, "--help")
+  assert proc.returncode == 0, proc.stderr
+  for flag in ("--out", "--smoke", "--optimizers", "--seeds"):
+    assert flag in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["sequence_classification.py", "finetune_lm.py"])
+@pytest.mark.parametrize("bad, what", [
+    (["--optimizers", "sgd"], "--optimizers"),
+    (["--optimizers", "qsgd:x"], "--optimizers"),
+    (["--seeds", "a,b"], "--seeds"),
+])
+def test_bad_arguments_exit_2_without_traceback(script, bad, what):
+  proc = _run(script, *bad)
+  assert proc.returncode == 2
+  assert what in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_classification_smoke(tmp_path):
+  proc = _run("sequence_classification.py", "--smoke", "--out", str(tmp_path))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "epochs to 90%" in proc.stdout
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  runs = summary["runs"]
+  assert [r["optimizer"] for r in runs] == ["adamw", "qsgd"]
+  assert runs[0]["quantum_weight"] is None and runs[1]["quantum_weight"] == 0.5
+  epochs = summary["config"]["epochs"]
+  for r in runs:
+    assert r["seed"] == 0
+    assert len(r["test_accuracy"]) == len(r["train_loss"]) == epochs
+    assert r["final_accuracy"] == r["test_accuracy"][-1]
+    assert 0.0 <= r["final_accuracy"] <= 1.0
+    assert all(math.isfinite(x) for x in r["train_loss"])
+    target = summary["config"]["target_accuracy"]
+    reached = [i + 1 for i, a in enumerate(r["test_accuracy"]) if a >= target]
+    assert r["epochs_to_target"] == (reached[0] if reached else None)
+  assert _png(tmp_path / "curves.png")
+
+
+def test_finetune_lm_smoke(tmp_path):
+  proc = _run("finetune_lm.py", "--smoke", "--out", str(tmp_path))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "mean loss" in proc.stdout
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  runs = summary["runs"]
+  assert [r["optimizer"] for r in runs] == ["adamw", "qsgd"]
+  for r in runs:
+    curve = r["loss_curve"]
+    assert len(curve) == r["micro_steps"] > 0
+    assert r["mean_loss"] == pytest.approx(sum(curve) / len(curve), rel=1e-6)
+    # One epoch of training lowers the held-out loss of the random tiny model.
+    assert r["eval_loss_after"] < r["eval_loss_before"]
+    assert math.isfinite(r["final_loss"]) and r["tokens_per_s"] > 0
+  assert _png(tmp_path / "loss.png")
