@@ -132,8 +132,11 @@ def test_train_and_evaluate_is_reproducible_per_seed(tiny_data):
 
 def test_training_learns_the_synthetic_task():
   # A shortened, easier version of the real task: AdamW must get well above chance.
+  # It sits on a plateau near chance for ~4 epochs, then learns the order rule
+  # (measured: test accuracy 0.92 at epoch 6, 0.95 at epoch 8).
   data = text_data.make_synthetic(1024, 200, seq_len=12, markers_per_class=1, seed=0)
-  config = classification.ClassificationConfig(epochs=5, n_train=1024, n_test=200, seq_len=12)
+  config = classification.ClassificationConfig(epochs=8, n_train=1024, n_test=200, seq_len=12,
+                                               learning_rate=3e-3)
   run = classification.train_and_evaluate(config, _common.parse_arm("adamw"), seed=0, dataset=data)
   assert run["train_loss"][-1] < run["train_loss"][0] - 0.2
   assert run["best_accuracy"] >= 0.8

@@ -103,7 +103,9 @@ def test_quantum_weight_zero_is_adamw(rng):
     ref = optax.adamw(1e-2, weight_decay=1e-2)
     u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     ur, _ = ref.update(grads, ref.init(params), params)
-    jax.tree.map(np.testing.assert_array_equal, u, ur)
+    # Equal up to XLA's fusion/FMA choices between two different programs.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                         atol=1e-12), u, ur)
 
 
 def test_scope_model_register_spans_leaves():
