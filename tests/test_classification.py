@@ -70,6 +70,7 @@ def test_dropout_is_active_in_train_mode_only():
         pytest.param({"dropout": 1.0}, "dropout", id="dropout"),
         pytest.param({"target_accuracy": 1.5}, "target_accuracy", id="target"),
         pytest.param({"embed_dim": 66}, "divisible", id="heads"),
+        pytest.param({"loss_scale": 0.0}, "loss_scale", id="loss_scale"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):

@@ -80,6 +80,9 @@ class ClassificationConfig:
     n_train, n_test, seq_len: synthetic task size (``seq_len`` is the
       polarity truncation length too).
     data_seed: fixes the data split (model seeds vary independently).
+    loss_scale: multiplies the training loss the optimizer sees (its
+      gradient, equivalently); metrics stay unscaled. Adam is invariant to
+      it, the paper's raw-gradient QSGD term is not (``bench/robustness.py``).
   """
 
   task: str = "synthetic"
@@ -101,6 +104,7 @@ class ClassificationConfig:
   n_test: int = 1000
   seq_len: int = 32
   data_seed: int = 0
+  loss_scale: float = 1.0
 
   def __post_init__(self) -> None:
     for name, accepted in (("task", TASKS), ("attention", ATTENTIONS), ("pooling", POOLINGS),
@@ -114,6 +118,8 @@ class ClassificationConfig:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
       raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+    if not (math.isfinite(self.loss_scale) and self.loss_scale > 0):
+      raise ValueError(f"loss_scale must be positive and finite, got {self.loss_scale!r}")
     if not 0 <= self.dropout < 1:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
     if not 0 < self.target_accuracy <= 1:
@@ -262,9 +268,13 @@ def epochs_to_target(accuracies: Sequence[float], target: float) -> int | None:
 
 
 @functools.lru_cache(maxsize=32)
-def _optimizer(arm: Arm, learning_rate: float, weight_decay: float, n_qubits: int) -> optax.GradientTransformation:
+def _optimizer(arm: Arm, learning_rate: float, weight_decay: float, n_qubits: int,
+               loss_scale: float = 1.0) -> optax.GradientTransformation:
   """One transformation object per setting, so seeds of an arm share the compiled step."""
-  return make_optimizer(arm, learning_rate, weight_decay=weight_decay, n_qubits=n_qubits)
+  tx = make_optimizer(arm, learning_rate, weight_decay=weight_decay, n_qubits=n_qubits)
+  if loss_scale == 1.0:
+    return tx
+  return optax.chain(optax.scale(loss_scale), tx)
 
 
 def train_and_evaluate(
@@ -298,7 +308,7 @@ def train_and_evaluate(
   data = dataset if dataset is not None else load_task(config)
   start = time.perf_counter()
   model = create_model(config, data, seed)
-  tx = _optimizer(arm, config.learning_rate, config.weight_decay, config.n_qubits)
+  tx = _optimizer(arm, config.learning_rate, config.weight_decay, config.n_qubits, config.loss_scale)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   metrics = _metrics()
   model.train()
