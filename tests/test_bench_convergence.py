@@ -1,0 +1,108 @@
+"""bench/convergence.py and bench/_stats.py: statistics, smoke run, --from."""
+
+import doctest
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+stats = _load("_stats")
+
+
+def test_stats_doctests():
+  assert doctest.testmod(stats).failed == 0
+
+
+@pytest.mark.parametrize("n", [1, 3, 6, 9])
+def test_sign_flip_pvalue_matches_brute_force(n):
+  rng = np.random.default_rng(n)
+  d = rng.normal(0.3, 1.0, size=n)
+  count = 0
+  for signs in itertools.product([1, -1], repeat=n):
+    if abs(np.mean(np.asarray(signs) * d)) >= abs(np.mean(d)) - 1e-12:
+      count += 1
+  assert stats.sign_flip_pvalue(d) == pytest.approx(count / 2 ** n)
+
+
+def test_sign_flip_monte_carlo_path_is_close_to_exact():
+  d = np.random.default_rng(1).normal(0.4, 1.0, size=17)
+  exact = stats.sign_flip_pvalue(d[:16])
+  assert 0 < stats.sign_flip_pvalue(d) <= 1
+  assert stats.sign_flip_pvalue(d[:16], n_resamples=10) == exact  # exact path ignores it
+
+
+def test_bootstrap_ci_covers_the_mean_and_shrinks():
+  rng = np.random.default_rng(0)
+  small, large = rng.normal(1.0, 1.0, 10), rng.normal(1.0, 1.0, 1000)
+  lo, hi = stats.bootstrap_ci(small)
+  assert lo < small.mean() < hi
+  lo2, hi2 = stats.bootstrap_ci(large)
+  assert lo2 < large.mean() < hi2 and (hi2 - lo2) < (hi - lo)
+  # Normal theory: the 95% interval of a mean of 1000 N(1, 1) is about +-0.062.
+  assert hi2 - lo2 == pytest.approx(2 * 1.96 / np.sqrt(1000), rel=0.15)
+
+
+def test_paired_uses_common_seeds_only():
+  r = stats.paired({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.85, 1: 0.8, 5: 0.1})
+  assert r["n"] == 2 and r["mean_diff"] == pytest.approx(0.025)
+
+
+def test_analyse_on_handmade_runs():
+  conv = _load("convergence")
+  runs = []
+  for seed, (acc0, acc1, e0, e1) in enumerate([(0.90, 0.93, 7, 5), (0.91, 0.92, None, 6),
+                                               (0.88, 0.94, 8, None)]):
+    for arm, acc, ett in (("adamw", acc0, e0), ("qsgd:0.5", acc1, e1)):
+      runs.append({"setting": "synthetic/standard", "arm": arm, "seed": seed, "epochs": 10,
+                   "final_accuracy": acc, "epochs_to_target": ett, "steps_per_epoch": 50,
+                   "mean_step_time_s": 0.01, "target_accuracy": 0.9})
+  rows = {r["arm"]: r for r in conv.analyse(runs, 0.9)}
+  assert rows["adamw"]["never"] == 1 and rows["qsgd:0.5"]["never"] == 1
+  assert rows["adamw"]["epochs_to_target_mean"] == pytest.approx(7.5)
+  assert rows["adamw"]["time_to_target_s_mean"] == pytest.approx(7.5 * 50 * 0.01)
+  acc = rows["qsgd:0.5"]["accuracy_vs_adamw"]
+  assert acc["mean_diff"] == pytest.approx(np.mean([0.03, 0.01, 0.06]))
+  assert acc["p_value"] == pytest.approx(2 / 8)  # all three positive: 2 of 8 flips
+  ett = rows["qsgd:0.5"]["epochs_to_target_vs_adamw"]
+  assert ett["mean_diff"] == pytest.approx(np.mean([5 - 7, 6 - 11, 11 - 8]))  # never -> 11
+
+
+def test_smoke_and_from(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda *a: subprocess.run([sys.executable, str(BENCH / "convergence.py"), *a],
+                                  capture_output=True, text=True, env=env, cwd=ROOT,
+                                  timeout=600, check=False)
+  proc = run("--smoke", "--out", str(tmp_path), "--no-progress")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  runs = json.loads((tmp_path / "summary.json").read_text())["runs"]
+  assert sorted((r["arm"], r["seed"]) for r in runs) == [
+      ("adamw", 0), ("adamw", 1), ("qsgd:0.5", 0), ("qsgd:0.5", 1)]
+  for r in runs:
+    assert len(r["test_accuracy"]) == r["epochs"] == 2
+  table = (tmp_path / "table.md").read_text()
+  assert "| qsgd:0.5 | 2 |" in table
+  for png in ("curves_synthetic_standard.png", "epochs_to_target.png"):
+    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+  again = tmp_path / "again"
+  proc = run("--from", str(tmp_path), "--out", str(again))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert (again / "table.md").read_text() == table
+  proc = run("--tasks", "mnist")
+  assert proc.returncode == 2 and "--tasks" in proc.stderr and "Traceback" not in proc.stderr
