@@ -1,0 +1,54 @@
+"""bench/lm.py: paired analysis on hand-made runs, smoke run and --from."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "lm.py"
+
+
+def _load():
+  spec = importlib.util.spec_from_file_location("bench_lm", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_analyse_pairs_by_seed():
+  bench = _load()
+  runs = [{"arm": a, "seed": s, "mean_loss": m, "eval_loss_after": e, "tokens_per_s": 100.0}
+          for a, s, m, e in [("adamw", 0, 0.30, 0.40), ("adamw", 1, 0.32, 0.41),
+                             ("qsgd:0.5", 1, 0.31, 0.42), ("qsgd:0.5", 0, 0.27, 0.40)]]
+  rows = {r["arm"]: r for r in bench.analyse(runs)}
+  assert rows["adamw"]["mean_loss_mean"] == pytest.approx(0.31)
+  assert rows["adamw"]["paper_mean_loss"] == 0.2188
+  d = rows["qsgd:0.5"]["mean_loss_vs_adamw"]
+  assert d["n"] == 2 and d["mean_diff"] == pytest.approx(np.mean([0.27 - 0.30, 0.31 - 0.32]))
+  assert d["p_value"] == pytest.approx(0.5)  # both negative: 2 of 4 sign flips
+  assert rows["qsgd:0.5"]["eval_loss_after_vs_adamw"]["mean_diff"] == pytest.approx(0.005)
+  assert "| qsgd:0.5 | 2 | 0.2097 |" in bench.table(bench.analyse(runs))
+
+
+def test_smoke_and_from(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda *a: subprocess.run([sys.executable, str(SCRIPT), *a], capture_output=True,
+                                  text=True, env=env, cwd=ROOT, timeout=600, check=False)
+  proc = run("--smoke", "--out", str(tmp_path), "--no-progress")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  runs = json.loads((tmp_path / "summary.json").read_text())["runs"]
+  assert sorted((r["arm"], r["seed"]) for r in runs) == [
+      ("adamw", 0), ("adamw", 1), ("qsgd:0.5", 0), ("qsgd:0.5", 1)]
+  for r in runs:
+    assert r["mean_loss"] == pytest.approx(np.mean(r["loss_curve"]), rel=1e-6)
+  table = (tmp_path / "table.md").read_text()
+  assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+  proc = run("--from", str(tmp_path), "--out", str(tmp_path / "again"))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert (tmp_path / "again" / "table.md").read_text() == table
