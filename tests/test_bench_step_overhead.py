@@ -79,6 +79,9 @@ def test_smoke_summary_is_consistent(smoke):
     assert case["compile_s_adamw"] > 0 and case["compile_s_qsgd"] > 0
     assert "cpu" in case["device"]
     assert (case["target"] is None) == (case["meets_target"] is None)
+    met = run["targets_met"]
+    assert case["meets_target"] == (all(met.values()) if met else None)
+    assert case["target"] == ("; ".join(met) if met else None)
     # The run record repeats the case and carries the DESIGN.md fields.
     assert run["optimizer"] == "qsgd" and run["quantum_weight"] == 0.5
     assert run["seed"] == 0
