@@ -63,10 +63,13 @@ DEFAULT_COMBOS = (
     "paper/leaf/gradient,paper/all/gradient,sine/all/gradient,"
     "paper/leaf/update,entangled/all/gradient,paper/model/gradient"
 )
+DEFAULT_TRAIN = "classifier,lm"
+TRAIN_TASKS = ("classifier", "lm")
+TRAIN_COMBOS = (("paper", "leaf", "gradient"), ("paper", "leaf", "update"))
 DEFAULTS = dict(sizes=DEFAULT_SIZES, combos=DEFAULT_COMBOS, pairs=50,
-                warmup=3, budget_s=60.0, min_pairs=3)
+                warmup=3, budget_s=60.0, min_pairs=3, train_steps=DEFAULT_TRAIN)
 SMOKE = dict(sizes="64k", combos="paper/leaf/gradient,sine/all/gradient",
-             pairs=5, warmup=1, budget_s=10.0, min_pairs=3)
+             pairs=5, warmup=1, budget_s=10.0, min_pairs=3, train_steps="classifier")
 DEFAULT_OUT = Path("bench") / "results" / "step_overhead"
 PNG_NAME = "step_overhead.png"
 
@@ -84,6 +87,7 @@ RATIO_TARGETS = (
     (("paper", "all", "gradient"), None, 2.0),
 )
 COMPILE_TARGET = ("paper", 8_000_000, 1.0)  # circuit, size, extra seconds
+TRAIN_TARGET = (("paper", "leaf"), 1.02)  # full train step, any modulate
 
 _SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
 
@@ -296,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--budget-s", type=_seconds_arg, default=None,
                       help="stop a case early once its timed time (both arms) passes this "
                            f"(default: {DEFAULTS['budget_s']:g})")
+  parser.add_argument("--train-steps", type=_train_arg, default=None,
+                      help="comma list of full Flax train steps to time too, from "
+                           f"{'|'.join(TRAIN_TASKS)}, or 'none' (default: {DEFAULT_TRAIN})")
   parser.add_argument("--min-pairs", type=_int_arg(1), default=None,
                       help=f"pairs run even past the budget (default: {DEFAULTS['min_pairs']})")
   return parser
@@ -311,7 +318,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   for name in ("pairs", "warmup", "budget_s", "min_pairs"):
     if getattr(args, name) is None:
       setattr(args, name, preset[name])
+  if args.train_steps is None:
+    args.train_steps = _train_arg(preset["train_steps"])
   return args
+
+
+def _train_arg(text: str) -> tuple[str, ...]:
+  if text.strip() == "none":
+    return ()
+  names = tuple(t.strip() for t in text.split(",") if t.strip())
+  if not names or any(n not in TRAIN_TASKS for n in names):
+    raise argparse.ArgumentTypeError(
+        f"expected a comma list from {', '.join(TRAIN_TASKS)} or 'none', got {text!r}")
+  return names
 
 
 # --------------------------------------------------------------------------
@@ -414,6 +433,22 @@ def run_case(label: str, n_target: int, combo, args, device: str):
   n_params, n_leaves = count_params(shapes)
   adamw = _Arm("adamw", None, shapes)
   qsgd = _Arm("qsgd", combo, shapes)
+  case, extras = _interleave(adamw, qsgd, args, f"{label} {'/'.join(combo)}", n_params,
+                             n_leaves, combo, device)
+  targets = check_targets(case, n_target)
+  if targets:
+    case["target"] = "; ".join(targets)
+    case["meets_target"] = all(targets.values())
+  extras.update({"size": label, "d_model": d, "n_layers": n_layers, "vocab": vocab,
+                 "targets_met": targets})
+  adamw.close()
+  qsgd.close()
+  gc.collect()
+  return case, extras
+
+
+def _interleave(adamw, qsgd, args, name, n_params, n_leaves, combo, device):
+  """Warm-up, then interleaved timed pairs; the case record and raw times."""
   for _ in range(args.warmup):
     adamw.call()
     qsgd.call()
@@ -429,7 +464,7 @@ def run_case(label: str, n_target: int, combo, args, device: str):
       break
   circuit, scope, modulate = combo
   case = {
-      "name": f"{label} {circuit}/{scope}/{modulate}",
+      "name": name,
       "params": n_params,
       "leaves": n_leaves,
       "circuit": circuit,
@@ -449,20 +484,107 @@ def run_case(label: str, n_target: int, combo, args, device: str):
       "target": None,
       "meets_target": None,
   }
-  targets = check_targets(case, n_target)
-  if targets:
-    case["target"] = "; ".join(targets)
-    case["meets_target"] = all(targets.values())
   extras = {
-      "size": label,
-      "d_model": d,
-      "n_layers": n_layers,
-      "vocab": vocab,
       "adamw_times_ms": list(adamw.times_ms),
       "qsgd_times_ms": list(qsgd.times_ms),
       "pair_ratios": ratios,
-      "targets_met": targets,
   }
+  return case, extras
+
+
+class _TrainArm:
+  """A full Flax train step (forward, backward, update) of an example's model.
+
+  ``classifier``: the paper's transformer classifier on the synthetic task,
+  batch 32 (``qsgd_optax.tasks.classification.train_step``, one jit).
+  ``lm``: the SmolLM2-135M architecture (random init, bf16 compute, f32
+  master weights), one 256-token row, the fine-tuning example's gradient
+  and update functions. ``smoke`` shrinks both models.
+  """
+
+  def __init__(self, task: str, name: str, combo, smoke: bool):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from qsgd_optax.tasks import _common  # pylint: disable=g-import-not-at-top
+
+    self.name = name
+    self.times_ms: list[float] = []
+    arm = (_common.Arm("adamw") if name == "adamw" else
+           _common.Arm("qsgd", QUANTUM_WEIGHT, combo[2], combo[0], combo[1]))
+    if task == "classifier":
+      from qsgd_optax.tasks import classification  # pylint: disable=g-import-not-at-top
+
+      small = dict(n_train=64, n_test=32, seq_len=16, embed_dim=16, ff_dim=32) if smoke else {}
+      config = classification.ClassificationConfig(**small)
+      data = classification.load_task(config)
+      model = classification.create_model(config, data, SEED)
+      optimizer = nnx.Optimizer(model, _common.make_optimizer(arm, 1e-3), wrt=nnx.Param)
+      model.train()
+      graphdef, self.state = nnx.split((model, optimizer, classification._metrics()))  # pylint: disable=protected-access
+      self.batch = (jnp.asarray(data.train.tokens[:32]), jnp.asarray(data.train.labels[:32]))
+      self.params_tree = nnx.state(model, nnx.Param)
+      t0 = time.perf_counter()
+      step = classification.train_step.lower(graphdef, self.state, *self.batch).compile()
+      self.compile_s = time.perf_counter() - t0
+
+      def call():
+        self.state = step(self.state, *self.batch)
+        return self.state
+    else:
+      from qsgd_optax.tasks import gsm_data, llama, lm  # pylint: disable=g-import-not-at-top
+
+      cfg = llama.LlamaConfig.tiny() if smoke else llama.LlamaConfig.smollm2_135m()
+      graphdef, self.params = lm.split_params(
+          llama.Llama(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(SEED)))
+      self.params_tree = self.params
+      tx = lm.make_optimizer(arm, learning_rate=2e-5, total_steps=1000, warmup_steps=100)
+      self.opt = jax.jit(tx.init)(self.params)
+      length = 64 if smoke else 256
+      rng = np.random.default_rng(SEED)
+      ids = rng.integers(3, cfg.vocab_size, size=length).astype("int32")
+      example = gsm_data.TokenizedExample(ids, np.arange(length) >= length // 3)
+      self.batch = lm.make_batches([example], length, batch_size=1, bucket=length)[0]
+      grad_fn, update_fn = lm.make_grad_fn(graphdef), lm.make_update_fn(tx)
+      t0 = time.perf_counter()
+      grad_c = grad_fn.lower(self.params, self.batch).compile()
+      grads = jax.eval_shape(grad_fn, self.params, self.batch)[1]
+      update_c = update_fn.lower(self.params, self.opt, grads).compile()
+      self.compile_s = time.perf_counter() - t0
+
+      def call():
+        _, g = grad_c(self.params, self.batch)
+        self.params, self.opt = update_c(self.params, self.opt, g)
+        return self.params, self.opt
+    self._call = call
+    leaves = jax.tree.leaves(self.params_tree)
+    self.n_params, self.n_leaves = sum(x.size for x in leaves), len(leaves)
+
+  def call(self) -> float:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(self._call())
+    return (time.perf_counter() - t0) * 1e3
+
+  def close(self) -> None:
+    self.__dict__.clear()
+
+
+def run_train_case(task: str, combo, args, device: str):
+  """Times the full train step of ``task``, AdamW vs QSGD ``combo``."""
+  adamw = _TrainArm(task, "adamw", None, args.smoke)
+  qsgd = _TrainArm(task, "qsgd", combo, args.smoke)
+  case, extras = _interleave(adamw, qsgd, args, f"train {task} {'/'.join(combo)}",
+                             adamw.n_params, adamw.n_leaves, combo, device)
+  (scope_circuit, limit) = TRAIN_TARGET
+  targets = {}
+  if (combo[0], combo[1]) == scope_circuit:
+    targets[f"ratio <= {limit:g}"] = bool(case["ratio"] <= limit)
+    case["target"] = "; ".join(targets)
+    case["meets_target"] = all(targets.values())
+  extras.update({"size": f"train {task}", "targets_met": targets})
   adamw.close()
   qsgd.close()
   gc.collect()
@@ -558,6 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   dev = jax.devices()[0]
   device = f"{dev} ({dev.platform})"
   cases_todo = [(label, n, combo) for label, n in args.sizes for combo in args.combos]
+  train_combos = TRAIN_COMBOS[:1] if args.smoke else TRAIN_COMBOS
+  cases_todo += [(f"train {t}", None, combo) for t in args.train_steps for combo in train_combos]
   print(f"step overhead: {len(cases_todo)} cases on {device}, "
         f"{args.pairs} pairs (budget {args.budget_s:g} s per case), "
         f"{args.warmup} warm-up calls", flush=True)
@@ -567,7 +691,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   bar = tqdm(cases_todo, desc="cases", unit="case", file=sys.stderr)
   for label, n, combo in bar:
     bar.set_postfix_str(f"{label} {'/'.join(combo)}")
-    case, extras = run_case(label, n, combo, args, device)
+    if n is None:
+      case, extras = run_train_case(label.split()[1], combo, args, device)
+    else:
+      case, extras = run_case(label, n, combo, args, device)
     cases.append(case)
     runs.append({"optimizer": "qsgd", "quantum_weight": QUANTUM_WEIGHT,
                  "seed": SEED, **case, **extras})
@@ -582,6 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       "sizes": [label for label, _ in args.sizes],
       "size_params": {label: n for label, n in args.sizes},
       "combos": ["/".join(c) for c in args.combos],
+      "train_steps": list(args.train_steps),
       "pairs": args.pairs,
       "warmup": args.warmup,
       "budget_s": args.budget_s,

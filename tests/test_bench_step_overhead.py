@@ -60,7 +60,10 @@ def test_smoke_summary_is_consistent(smoke):
   assert proc.returncode == 0, proc.stderr[-4000:]
   summary = json.loads((out / "summary.json").read_text())
   cases, runs, config = summary["cases"], summary["runs"], summary["config"]
-  assert len(cases) == len(runs) == 2
+  # Two optimizer-only cases, then the classifier's full train step.
+  assert len(cases) == len(runs) == 3
+  assert cases[2]["name"] == "train classifier paper/leaf/gradient"
+  assert cases[2]["target"] == "ratio <= 1.02"
   assert config["smoke"] is True and config["versions"]["jax"]
   assert "xla_flags" in config
   for case, run in zip(cases, runs):
@@ -94,6 +97,8 @@ def test_smoke_param_counts_match_the_pytree(smoke):
   summary = json.loads((out / "summary.json").read_text())
   bench = _load_script()
   for case, run in zip(summary["cases"], summary["runs"]):
+    if run["size"].startswith("train"):
+      continue
     d, n_layers, vocab = run["d_model"], run["n_layers"], run["vocab"]
     assert (d, n_layers, vocab) == bench.layout_for_size(
         summary["config"]["size_params"][run["size"]])
@@ -134,6 +139,7 @@ def test_help():
     (["--combos", "paper/leaf"], "--combos"),
     (["--sizes", "lots"], "--sizes"),
     (["--pairs", "0"], "--pairs"),
+    (["--train-steps", "resnet"], "--train-steps"),
 ])
 def test_bad_arguments_exit_2_without_traceback(bad, what):
   proc = _run(*bad, timeout=60)
