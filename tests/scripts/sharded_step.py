@@ -60,7 +60,7 @@ def main(mode: str) -> None:
                                              - np.asarray(ref_u[k])))),
       }
     report[f"{circuit}/{scope}"] = case
-  print(json.dumps(report))
+  return report
 
 
 class _null:
@@ -72,4 +72,5 @@ class _null:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else "auto")
+  modes = sys.argv[1:] or ["auto"]
+  print(json.dumps({mode: main(mode) for mode in modes}))
