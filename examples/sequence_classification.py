@@ -13,6 +13,8 @@ Examples::
   python examples/sequence_classification.py --smoke --out /tmp/cls
   python examples/sequence_classification.py --optimizers adamw,qsgd:0.5:update --seeds 5
   python examples/sequence_classification.py --task polarity --attention quantum
+  python examples/sequence_classification.py --checkpoint-every 50 --out /tmp/cls   # interrupted? then:
+  python examples/sequence_classification.py --checkpoint-every 50 --out /tmp/cls --resume
 
 ``DIR/summary.json`` (``--out DIR``, default ``runs/sequence_classification``)
 holds ``{"runs": [...], "config": {...}}``; every run has optimizer,
@@ -21,6 +23,14 @@ train_accuracy / test_loss / test_accuracy lists, final_accuracy,
 epochs_to_target, wall_time_s and mean_step_time_s. ``DIR/curves.png``
 draws test accuracy and training loss per epoch: mean over seeds, with the
 min-max band.
+
+Checkpoints (``--checkpoint-every N`` or ``--resume``): Orbax checkpoints of
+every run go to ``DIR/checkpoints/<arm>-seed<seed>`` after every epoch and
+every N optimizer steps (the last ``--keep`` kept). ``--resume`` continues
+each run from its latest complete checkpoint (runs without one start
+afresh) and ends exactly where an uninterrupted run ends; it may ask for
+more ``--epochs`` than the checkpointed run, but every other setting must
+match, or it stops with an error naming the mismatching settings.
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ def _fraction_arg(text: str) -> float:
   return value
 
 
-def _epochs_arg(text: str) -> int:
+def _positive_int_arg(text: str) -> int:
   try:
     value = int(text)
   except ValueError:
@@ -76,12 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
                            "every score and is much slower (default: %(default)s)")
   parser.add_argument("--pooling", choices=classification.POOLINGS, default="mean",
                       help="sequence pooling (default: %(default)s)")
-  parser.add_argument("--epochs", type=_epochs_arg, default=None,
+  parser.add_argument("--epochs", type=_positive_int_arg, default=None,
                       help=f"training epochs (default: {DEFAULTS['epochs']})")
   parser.add_argument("--target-accuracy", type=_fraction_arg, default=0.9,
                       help="test accuracy that epochs_to_target waits for (default: %(default)s)")
   parser.add_argument("--weight-decay", type=float, default=0.0,
                       help="decoupled weight decay (default: %(default)s)")
+  parser.add_argument("--checkpoint-every", type=_positive_int_arg, default=None, metavar="N",
+                      help="checkpoint every N optimizer steps and after every epoch, under DIR/checkpoints "
+                           "(default: no checkpoints unless --resume)")
+  parser.add_argument("--keep", type=_positive_int_arg, default=3, metavar="N",
+                      help="checkpoints kept per run (default: %(default)s)")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue every run from its latest complete checkpoint under DIR/checkpoints "
+                           "(and checkpoint after every epoch)")
   # None marks "not given", so --smoke can fill in its own values.
   parser.set_defaults(optimizers=None, seeds=None)
   return parser
@@ -120,10 +138,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{dataset.seq_len}, vocab {dataset.vocab_size}; {config.attention} attention; "
         f"arms {', '.join(a.label for a in args.optimizers)}; seeds {list(args.seeds)}", flush=True)
 
-  def run_one(arm: _common.Arm, seed: int) -> dict:
-    return classification.train_and_evaluate(config, arm, seed, dataset=dataset, progress=not args.no_progress)
+  checkpoint_dir = args.out / "checkpoints" if args.checkpoint_every or args.resume else None
 
-  runs = _common.run_arms(args.optimizers, args.seeds, run_one, progress=not args.no_progress)
+  def run_one(arm: _common.Arm, seed: int) -> dict:
+    return classification.train_and_evaluate(
+        config, arm, seed, dataset=dataset, progress=not args.no_progress, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume)
+
+  try:
+    runs = _common.run_arms(args.optimizers, args.seeds, run_one, progress=not args.no_progress)
+  except classification.CheckpointError as e:
+    print(f"sequence_classification.py: error: {e}", file=sys.stderr)
+    return 1
   total = time.perf_counter() - start
   print()
   print(classification.comparison_table(runs, config.target_accuracy))

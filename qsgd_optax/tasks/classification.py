@@ -9,7 +9,10 @@ trained by one optimizer arm (:mod:`qsgd_optax.tasks._common`) on a task from
 :func:`train_and_evaluate` is the only training loop of the project: the
 example CLI and the benchmarks call it. Its train step is one ``jax.jit``
 over the split NNX state, holding forward, backward and the whole optimizer
-update (for ``qsgd`` arms the QSGD circuit too); evaluation is jitted too.
+update (for ``qsgd`` arms the QSGD circuit too); evaluation is jitted too. With ``checkpoint_dir`` it writes Orbax
+checkpoints (model, optimizer and metric state, the position in the batch
+order, the history so far) and with ``resume=True`` continues the latest
+complete one, ending bit-identical to an uninterrupted run.
 
 Example:
 
@@ -23,9 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
+import re
+import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -42,8 +50,10 @@ __all__ = [
     "ATTENTIONS",
     "POOLINGS",
     "TASKS",
+    "CheckpointError",
     "ClassificationConfig",
     "TransformerClassifier",
+    "checkpoint_path",
     "comparison_table",
     "create_model",
     "epochs_to_target",
@@ -264,6 +274,114 @@ def epochs_to_target(accuracies: Sequence[float], target: float) -> int | None:
   return None
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+# What must match for a checkpoint to be resumed: everything that shapes the
+# training trajectory. ``epochs`` (a resumed run may train longer) and
+# ``target_accuracy`` (only read when the record is built) are left out.
+_NOT_IDENTITY = ("epochs", "target_accuracy")
+_IDENTITY_FILE = "run_identity.json"
+_COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, before the atomic rename
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that a run cannot resume from or write to."""
+
+
+def checkpoint_path(checkpoint_dir: str | os.PathLike[str], arm: Arm, seed: int) -> Path:
+  """The directory holding one run's checkpoints: ``checkpoint_dir/<arm label>-seed<seed>``.
+
+  Characters other than letters, digits, ``.``, ``_`` and ``-`` in the label
+  become ``_``.
+
+  >>> checkpoint_path("ckpt", parse_arm("qsgd:0.5"), 2).as_posix()
+  'ckpt/qsgd_0.5-seed2'
+  """
+  label = re.sub(r"[^A-Za-z0-9._-]", "_", arm.label)
+  return Path(checkpoint_dir) / f"{label}-seed{int(seed)}"
+
+
+def _identity(config: ClassificationConfig, arm: Arm, seed: int, data: text_data.TextDataset) -> dict[str, Any]:
+  fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
+  return {"optimizer": arm.label, "seed": int(seed), **fields, "train_sequences": len(data.train),
+          "vocab_size": int(data.vocab_size), "num_classes": int(data.num_classes)}
+
+
+def _write_json_atomically(path: Path, payload: Any) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(payload, indent=2) + "\n")
+  os.replace(tmp, path)
+
+
+class _Checkpoints:
+  """One run's Orbax checkpoints: identity check, latest complete step, save and restore."""
+
+  def __init__(self, directory: Path, identity: dict[str, Any], *, keep: int, resume: bool):
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    self._ocp = ocp
+    self.directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=True,
+            create=True))
+    try:
+      self._check(identity, resume)
+    except BaseException:
+      self._manager.close()
+      raise
+
+  def _check(self, identity: dict[str, Any], resume: bool) -> None:
+    complete = [s for s in self._manager.all_steps() if self._is_complete(s)]
+    self.latest = max(complete) if complete else None
+    if self.latest is not None and not resume:
+      raise CheckpointError(
+          f"{self.directory} already holds checkpoints (latest at step {self.latest}); resume them "
+          "(resume=True, --resume) or remove the directory to start over")
+    identity_file = self.directory / _IDENTITY_FILE
+    if self.latest is not None:
+      if not identity_file.is_file():
+        raise CheckpointError(f"cannot resume from {self.directory}: it has no {_IDENTITY_FILE}")
+      saved = json.loads(identity_file.read_text())
+      diffs = [f"checkpoint has {k} {saved.get(k)!r}, this run asks for {v!r}"
+               for k, v in identity.items() if saved.get(k) != v]
+      if diffs:
+        raise CheckpointError(f"cannot resume from {self.directory}: {'; '.join(diffs)}")
+    # Steps after the one resumed (or any, on a fresh start) are incomplete saves: drop them,
+    # so that this run can write those step numbers again.
+    stale = [s for s in self._manager.all_steps() if self.latest is None or s > self.latest]
+    for s in stale:
+      shutil.rmtree(self._step_dir(s))
+    if stale:
+      self._manager.reload()
+    _write_json_atomically(identity_file, identity)
+
+  def _step_dir(self, step: int) -> Path:
+    return self.directory / str(step)  # Orbax's default step name format
+
+  def _is_complete(self, step: int) -> bool:
+    return (self._step_dir(step) / _COMMIT_MARKER).is_file()
+
+  def save(self, step: int, state: nnx.State, progress: dict[str, Any]) -> None:
+    ocp = self._ocp
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(nnx.to_pure_dict(state)), progress=ocp.args.JsonSave(progress)), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, state: nnx.State) -> dict[str, Any]:
+    """Loads the latest complete checkpoint into ``state`` (in place); returns its progress record."""
+    ocp = self._ocp
+    restored = self._manager.restore(self.latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(nnx.to_pure_dict(state)), progress=ocp.args.JsonRestore()))
+    nnx.replace_by_pure_dict(state, restored.state)
+    return dict(restored.progress)
+
+  def close(self) -> None:
+    self._manager.close()
+
+
 # --------------------------------------------------------------------------- loop
 
 
@@ -284,7 +402,13 @@ def train_and_evaluate(
     *,
     dataset: text_data.TextDataset | None = None,
     progress: bool = False,
-) -> dict[str, Any]:
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    keep: int = 3,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    return_state: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], nnx.State]:
   """Trains one model with one optimizer arm and returns its run record.
 
   Args:
@@ -294,6 +418,25 @@ def train_and_evaluate(
     dataset: the already loaded task, to share it across runs; loaded from
       ``config`` when ``None``.
     progress: show a per-epoch progress bar.
+    checkpoint_dir: when given, Orbax checkpoints go to
+      ``checkpoint_path(checkpoint_dir, arm, seed)``: after every epoch (once
+      evaluated) and every ``checkpoint_every`` optimizer steps, the last
+      ``keep`` kept. Each holds the model, optimizer (the whole optax state)
+      and metric state, the step, epoch and position in the epoch, the
+      batch-order generator's state and the history so far; the directory
+      also holds ``run_identity.json``, the configuration a resumed run must
+      match. Writing into a directory that already holds checkpoints needs
+      ``resume=True``.
+    checkpoint_every: also checkpoint every this many optimizer steps.
+    keep: how many checkpoints to keep.
+    resume: continue from the latest complete checkpoint in the run's
+      directory (incomplete saves are ignored; none there: start afresh).
+      The run then ends bit-identical to an uninterrupted one. ``epochs``
+      may differ from the checkpointed run's (train on); every other
+      field of ``config``, the arm and the seed must match.
+    on_step: called with the number of optimizer steps done after every
+      step (after that step's checkpoint, if any); raising stops the run.
+    return_state: also return the final ``nnx.state((model, optimizer))``.
 
   Returns:
     A JSON-ready record: the arm's fields and ``seed``; per-epoch lists
@@ -302,9 +445,20 @@ def train_and_evaluate(
     (last test accuracy), ``best_accuracy``, ``epochs_to_target``,
     ``wall_time_s`` (the whole run), ``compile_time_s`` (near 0 when an
     earlier run of the same arm and shapes already compiled the step) and
-    ``mean_step_time_s`` (training wall time per optimizer step, compile
-    excluded), ``steps``, ``diverged`` (a non-finite training loss).
+    ``mean_step_time_s`` (training wall time per optimizer step run by this
+    call, compile and checkpoint writes excluded), ``steps`` (all of the
+    run's, resumed ones included), ``diverged`` (a non-finite training
+    loss). With ``return_state``, the pair ``(record, state)``.
+
+  Raises:
+    CheckpointError: (a ``ValueError``) the checkpoint directory holds
+      another run's checkpoints (naming the mismatching fields), or holds
+      checkpoints and ``resume`` is false, or is past this run's ``epochs``.
   """
+  if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+    raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
+  if not isinstance(keep, int) or keep < 1:
+    raise ValueError(f"keep must be a positive int, got {keep!r}")
   data = dataset if dataset is not None else load_task(config)
   start = time.perf_counter()
   model = create_model(config, data, seed)
@@ -318,37 +472,76 @@ def train_and_evaluate(
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size ({config.batch_size}) exceeds the {len(data.train)} training sequences")
   batch_shape = (config.batch_size, data.seq_len)
+
+  order_rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
+  history: dict[str, list[float]] = {}
+  first_epoch, first_position, global_step = 0, 0, 0
+  checkpoints = None
+  if checkpoint_dir is not None:
+    checkpoints = _Checkpoints(checkpoint_path(checkpoint_dir, arm, seed), _identity(config, arm, seed, data),
+                               keep=keep, resume=resume)
+    if checkpoints.latest is not None:
+      saved = checkpoints.restore(state)
+      first_epoch, first_position, global_step = saved["epoch"], saved["position"], saved["step"]
+      if first_epoch > config.epochs or (first_epoch == config.epochs and first_position):
+        checkpoints.close()
+        raise CheckpointError(
+            f"cannot resume from {checkpoints.directory}: its latest checkpoint is past epoch {config.epochs}, "
+            "the end of this run")
+      order_rng.bit_generator.state = saved["order_rng"]
+      history = {k: list(v) for k, v in saved["history"].items()}
+      nnx.update((model, optimizer, metrics), state)
+
   compile_start = time.perf_counter()
   step = train_step.lower(graphdef, state, jax.ShapeDtypeStruct(batch_shape, jnp.int32),
                            jax.ShapeDtypeStruct(batch_shape[:1], jnp.int32)).compile()
   compile_time = time.perf_counter() - compile_start
 
-  order_rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
-  history: dict[str, list[float]] = {}
-  train_time = 0.0
-  for _ in progress_bar(range(config.epochs), desc=f"{arm.label} seed={seed}", disable=not progress, leave=False):
-    order = order_rng.permutation(len(data.train))[: steps_per_epoch * config.batch_size]
-    tokens = data.train.tokens[order].reshape(steps_per_epoch, *batch_shape)
-    labels = data.train.labels[order].reshape(steps_per_epoch, config.batch_size)
-    epoch_start = time.perf_counter()
-    for i in range(steps_per_epoch):
-      state = step(state, tokens[i], labels[i])
-    jax.block_until_ready(state)
-    train_time += time.perf_counter() - epoch_start
+  def progress_record(epoch: int, position: int, rng_state: Mapping[str, Any]) -> dict[str, Any]:
+    return {"step": global_step, "epoch": epoch, "position": position, "order_rng": rng_state,
+            "history": history}
 
-    nnx.update((model, optimizer, metrics), state)
-    for key, value in metrics.compute().items():
-      history.setdefault(f"train_{key}", []).append(float(value))
-    metrics.reset()
-    splits = {"test": data.test, "validation": data.validation}
-    for name, split in splits.items():
-      if split is not None:
-        for key, value in _evaluate(model, split).items():
-          history.setdefault(f"{name}_{key}", []).append(value)
-    graphdef, state = nnx.split((model, optimizer, metrics))
+  train_time, steps_run = 0.0, 0
+  try:
+    for epoch in progress_bar(range(first_epoch, config.epochs), desc=f"{arm.label} seed={seed}",
+                              disable=not progress, leave=False):
+      epoch_rng_state = order_rng.bit_generator.state  # before this epoch's permutation
+      order = order_rng.permutation(len(data.train))[: steps_per_epoch * config.batch_size]
+      tokens = data.train.tokens[order].reshape(steps_per_epoch, *batch_shape)
+      labels = data.train.labels[order].reshape(steps_per_epoch, config.batch_size)
+      epoch_start, save_time = time.perf_counter(), 0.0
+      for i in range(first_position if epoch == first_epoch else 0, steps_per_epoch):
+        state = step(state, tokens[i], labels[i])
+        global_step += 1
+        steps_run += 1
+        if (checkpoints is not None and checkpoint_every is not None and global_step % checkpoint_every == 0
+            and i + 1 < steps_per_epoch):  # the epoch's last step is saved after evaluation
+          save_start = time.perf_counter()
+          checkpoints.save(global_step, state, progress_record(epoch, i + 1, epoch_rng_state))
+          save_time += time.perf_counter() - save_start
+        if on_step is not None:
+          on_step(global_step)
+      jax.block_until_ready(state)
+      train_time += time.perf_counter() - epoch_start - save_time
+
+      nnx.update((model, optimizer, metrics), state)
+      for key, value in metrics.compute().items():
+        history.setdefault(f"train_{key}", []).append(float(value))
+      metrics.reset()
+      splits = {"test": data.test, "validation": data.validation}
+      for name, split in splits.items():
+        if split is not None:
+          for key, value in _evaluate(model, split).items():
+            history.setdefault(f"{name}_{key}", []).append(value)
+      graphdef, state = nnx.split((model, optimizer, metrics))
+      if checkpoints is not None:
+        checkpoints.save(global_step, state, progress_record(epoch + 1, 0, order_rng.bit_generator.state))
+  finally:
+    if checkpoints is not None:
+      checkpoints.close()
 
   test_accuracy = history["test_accuracy"]
-  return {
+  record = {
       **history,
       "final_accuracy": test_accuracy[-1],
       "best_accuracy": max(test_accuracy),
@@ -356,9 +549,12 @@ def train_and_evaluate(
       "steps": steps_per_epoch * config.epochs,
       "wall_time_s": time.perf_counter() - start,
       "compile_time_s": compile_time,
-      "mean_step_time_s": train_time / (steps_per_epoch * config.epochs),
+      "mean_step_time_s": train_time / steps_run if steps_run else float("nan"),
       "diverged": not all(math.isfinite(v) for v in history["train_loss"]),
   }
+  if return_state:
+    return record, nnx.state((model, optimizer))
+  return record
 
 
 # --------------------------------------------------------------------------- reporting
