@@ -54,6 +54,20 @@ def qsgd(
   This is ``optax.chain(scale_by_qsgd(...), add_decayed_weights(weight_decay,
   mask), scale_by_learning_rate(learning_rate))``.
 
+  Non-finite values: a NaN or Inf gradient entry makes the update and Adam's
+  moments non-finite on that coordinate only, as in ``optax.adamw``. Skip
+  such steps with ``optax.apply_if_finite(qsgd(...), max_consecutive_errors)``:
+  a skipped step changes neither the parameters nor the state, and later
+  steps are exactly those of a run that never saw it. A NaN or Inf parameter
+  on a selected coordinate makes the quantum term NaN there (``"sine"``) or
+  on its whole register (the QNode circuits; with ``scope="model"`` possibly
+  in several leaves), unless ``quantum_weight`` is the Python number 0,
+  which skips the term; ``apply_if_finite``
+  checks only gradients, so it does not catch this. With ``weight_decay > 0``
+  the parameter's own update is NaN too, as in ``optax.adamw``. See
+  :func:`qsgd_optax.scale_by_qsgd` for degenerate trees (empty, integer-only,
+  zero-size or 0-d leaves).
+
   Args:
     learning_rate: a scalar or an ``optax.Schedule``.
     quantum_weight: :math:`\lambda`; the paper uses 0.1 and 0.5.

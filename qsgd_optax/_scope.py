@@ -205,6 +205,10 @@ def add_term(
   Returns:
     A tree like ``updates``, each leaf in its own dtype.
   """
+  if isinstance(weight, (int, float)) and weight == 0:
+    # A static zero weight is exactly the inner update: no circuit, and no
+    # 0 * NaN where a parameter is not finite.
+    return updates
   n = modulator.n_qubits
   p_leaves, treedef = jax.tree.flatten(params, is_leaf=lambda v: v is None)
   u_leaves = treedef.flatten_up_to(updates)
@@ -214,6 +218,10 @@ def add_term(
   ids = [i for i, e in enumerate(ok) if e]
   if not ids:
     return jax.tree.unflatten(treedef, out)
+  for i in ids:  # Python scalars (accepted by optax) become arrays
+    p_leaves[i], u_leaves[i] = jnp.asarray(p_leaves[i]), jnp.asarray(u_leaves[i])
+    if x_leaves[i] is not None:
+      x_leaves[i] = jnp.asarray(x_leaves[i])
 
   if scope == "all":
     for i in ids:

@@ -102,7 +102,10 @@ def superpose(
 
   Non-finite gradients: the term is added only on the selected coordinates,
   so a NaN or Inf in ``g`` or ``u`` propagates exactly as it does in
-  ``inner``; compose with ``optax.apply_if_finite`` to skip such steps.
+  ``inner``; compose with ``optax.apply_if_finite`` to skip such steps. A NaN
+  or Inf parameter on a selected coordinate makes the term NaN on its
+  register (see :func:`qsgd_optax.scale_by_qsgd`), which ``apply_if_finite``
+  does not detect.
 
   Args:
     inner: the transformation to wrap (any ``optax.GradientTransformation``).
@@ -220,6 +223,29 @@ def scale_by_qsgd(
     :math:`(1 + \lambda M)` times Adam's on the selected coordinates.
     Scale invariant; it converged on those same targets for
     ``quantum_weight`` 0.1 to 0.9.
+
+  Non-finite values: a NaN or Inf gradient entry stays on its coordinate,
+  exactly as in ``optax.scale_by_adam``: ``mu``, ``nu`` and the update are
+  non-finite there and nowhere else, for every ``modulate`` (the term uses the
+  gradient elementwise). To skip such steps, wrap the optimizer:
+  ``optax.apply_if_finite(qsgd(...), max_consecutive_errors)`` leaves the
+  parameters and the Adam state untouched on a non-finite step, and the run
+  then continues exactly as if that step had never happened. A NaN or Inf
+  *parameter* on a selected coordinate makes :math:`M` NaN: for ``"sine"`` on
+  that coordinate only, for the QNode circuits (``"paper"``,
+  ``"entangled"``) on its whole register, since the simulated state is then
+  NaN; with ``scope="model"`` that register can span several leaves. A
+  Python-number ``quantum_weight=0`` skips the term entirely (exactly Adam);
+  a traced zero (e.g. under ``inject_hyperparams``) still gives ``0 * NaN``,
+  which is NaN. The Adam state
+  never sees the parameters and stays finite, but ``apply_if_finite`` checks
+  only the gradients and does not skip such a step.
+
+  Degenerate trees: empty trees and trees of only integer, zero-size or 0-d
+  leaves are accepted and keep their structure; only non-empty floating-point
+  leaves take part in the term. Give integer leaves zero gradients: as in
+  ``optax.adamw``, their update and first moment come out float32 (a
+  ``None`` gradient is rejected by ``optax.scale_by_adam`` itself).
 
   Args:
     b1: exponential decay rate of the first moment.

@@ -108,6 +108,7 @@ def test_apply_if_finite_skips_the_step_and_resumes_exactly(modulate):
       u, new_state = step(g, state, p)
       if bad:  # skipped: zero update, inner state untouched, count + 1
         jax.tree.map(lambda x: np.testing.assert_array_equal(x, 0), u)
+        _assert_trees_equal(optax.apply_updates(p, u), p)
         _assert_trees_equal(new_state.inner_state, state.inner_state)
         assert int(new_state.notfinite_count) == int(state.notfinite_count) + 1
         assert int(new_state.total_notfinite) == int(state.total_notfinite) + 1
@@ -121,7 +122,7 @@ def test_apply_if_finite_skips_the_step_and_resumes_exactly(modulate):
   p_bad, s_bad, u_bad = run([False, True, True, False, False])
   p_ok, s_ok, u_ok = run([False, False, False])
   # Same program, same finite gradients: bit for bit.
-  jax.tree.map(_assert_trees_equal, u_bad, u_ok)
+  _assert_trees_equal(u_bad, u_ok)
   _assert_trees_equal(p_bad, p_ok)
   _assert_trees_equal(s_bad.inner_state, s_ok.inner_state)
   assert int(s_bad.total_notfinite) == 2 and int(s_ok.total_notfinite) == 0
@@ -187,10 +188,6 @@ def test_apply_if_finite_does_not_guard_parameters():
   assert int(state.notfinite_count) == 0 and bool(state.last_finite)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="known bug: the term is computed as quantum_weight * M * x and "
-    "0 * NaN is NaN, so quantum_weight=0 is not AdamW for a NaN parameter")
 @pytest.mark.parametrize("modulate", MODULATES)
 def test_quantum_weight_zero_is_adamw_even_for_a_nonfinite_parameter(
     modulate):
@@ -249,8 +246,9 @@ def test_degenerate_tree_init_and_update(name, scope, modulate):
   if not _has_selected(params):  # nothing for the quantum term: AdamW
     _assert_trees_equal(u, ua)
     _assert_trees_equal(new_state, new_state_a)
-  else:  # a scalar: its one entry is its register
-    assert np.asarray(u, np.float32) != np.asarray(ua, np.float32)
+  else:  # a scalar: its one entry is its register, and is modulated
+    for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(ua)):
+      assert x != y
 
 
 @pytest.mark.parametrize("name", ["empty_dict", "empty_list", "ints_only",
@@ -284,10 +282,6 @@ def test_none_gradient_of_an_int_leaf_is_handled_like_adamw(modulate):
       optax.adamw(LR, weight_decay=DECAY))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AttributeError,
-    reason="known bug: eager update calls .shape/.astype on Python float "
-    "leaves (params or gradients); optax.adamw accepts them")
 @pytest.mark.parametrize("where", ["params", "grads"])
 def test_python_float_leaves_are_accepted_like_adamw(where):
   params = {"w": jnp.array([0.3, -0.2]), "t": 0.25}
