@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--resume", action="store_true",
                       help="continue every run from its latest complete checkpoint under DIR/checkpoints "
                            "(and checkpoint after every epoch)")
+  parser.add_argument("--max-nonfinite", type=_positive_int_arg, default=None, metavar="N",
+                      help="skip optimizer steps with a non-finite gradient (optax.apply_if_finite), "
+                           "count them in summary.json (nonfinite_steps) and stop after N in a row "
+                           "(default: off)")
   # None marks "not given", so --smoke can fill in its own values.
   parser.set_defaults(optimizers=None, seeds=None)
   return parser
@@ -113,7 +117,8 @@ def make_config(args: argparse.Namespace) -> classification.ClassificationConfig
   return classification.ClassificationConfig(
       task=args.task, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
       weight_decay=args.weight_decay, target_accuracy=args.target_accuracy, pooling=args.pooling,
-      attention=args.attention, quantum_method=args.quantum_method, **sizes)
+      attention=args.attention, quantum_method=args.quantum_method,
+      max_nonfinite=args.max_nonfinite, **sizes)
 
 
 def _fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -147,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   try:
     runs = _common.run_arms(args.optimizers, args.seeds, run_one, progress=not args.no_progress)
-  except classification.CheckpointError as e:
+  except (classification.CheckpointError, classification.NonFiniteError) as e:
     print(f"sequence_classification.py: error: {e}", file=sys.stderr)
     return 1
   total = time.perf_counter() - start

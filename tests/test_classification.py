@@ -153,3 +153,22 @@ def test_comparison_table():
   assert table[0].split()[:2] == ["arm", "seeds"] and "epochs to 90%" in table[0]
   assert table[2].startswith("adamw") and "0.920 +- 0.014" in table[2] and "8.0 +- 1.4 (2/2)" in table[2]
   assert table[3].startswith("qsgd:0.5") and "0.800" in table[3] and "- (0/1)" in table[3]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run():
+  data = text_data.make_synthetic(128, 32, seq_len=12, markers_per_class=1, seed=0)
+  small = dict(n_train=128, n_test=32, seq_len=12, embed_dim=16, ff_dim=32, num_layers=1, epochs=2)
+  arm = _common.parse_arm("qsgd:0.5")
+  # A finite run: the wrapper counts nothing and changes nothing.
+  plain = classification.train_and_evaluate(classification.ClassificationConfig(**small), arm, 0,
+                                            dataset=data)
+  guarded = classification.train_and_evaluate(
+      classification.ClassificationConfig(**small, max_nonfinite=3), arm, 0, dataset=data)
+  assert guarded["nonfinite_steps"] == 0 and plain["nonfinite_steps"] is None
+  assert guarded["train_loss"] == plain["train_loss"]
+  # An infinite loss scale makes every gradient non-finite: every step is
+  # skipped, and the run stops at the first epoch end with a clear message.
+  bad = classification.ClassificationConfig(**small, max_nonfinite=3, loss_scale=1e39)
+  with pytest.raises(classification.NonFiniteError, match=r"4 non-finite training steps in a row"):
+    classification.train_and_evaluate(bad, arm, 0, dataset=data)

@@ -52,6 +52,7 @@ __all__ = [
     "TASKS",
     "CheckpointError",
     "ClassificationConfig",
+    "NonFiniteError",
     "TransformerClassifier",
     "checkpoint_path",
     "comparison_table",
@@ -93,6 +94,12 @@ class ClassificationConfig:
     loss_scale: multiplies the training loss the optimizer sees (its
       gradient, equivalently); metrics stay unscaled. Adam is invariant to
       it, the paper's raw-gradient QSGD term is not (``bench/robustness.py``).
+    max_nonfinite: when set, the optimizer is wrapped in
+      ``optax.apply_if_finite``: a step with a non-finite gradient changes
+      nothing and is counted (``nonfinite_steps`` in the record), and the run
+      stops with :class:`NonFiniteError` once ``max_nonfinite`` steps in a row
+      were non-finite (checked at every epoch end, so the stop comes at the
+      end of the epoch in which it happened; the skipped steps did no harm).
   """
 
   task: str = "synthetic"
@@ -115,6 +122,7 @@ class ClassificationConfig:
   seq_len: int = 32
   data_seed: int = 0
   loss_scale: float = 1.0
+  max_nonfinite: int | None = None
 
   def __post_init__(self) -> None:
     for name, accepted in (("task", TASKS), ("attention", ATTENTIONS), ("pooling", POOLINGS),
@@ -128,6 +136,9 @@ class ClassificationConfig:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
       raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+    if self.max_nonfinite is not None and (not isinstance(self.max_nonfinite, int)
+                                           or self.max_nonfinite < 1):
+      raise ValueError(f"max_nonfinite must be None or a positive int, got {self.max_nonfinite!r}")
     if not (math.isfinite(self.loss_scale) and self.loss_scale > 0):
       raise ValueError(f"loss_scale must be positive and finite, got {self.loss_scale!r}")
     if not 0 <= self.dropout < 1:
@@ -387,12 +398,27 @@ class _Checkpoints:
 
 @functools.lru_cache(maxsize=32)
 def _optimizer(arm: Arm, learning_rate: float, weight_decay: float, n_qubits: int,
-               loss_scale: float = 1.0) -> optax.GradientTransformation:
+               loss_scale: float = 1.0, max_nonfinite: int | None = None) -> optax.GradientTransformation:
   """One transformation object per setting, so seeds of an arm share the compiled step."""
   tx = make_optimizer(arm, learning_rate, weight_decay=weight_decay, n_qubits=n_qubits)
-  if loss_scale == 1.0:
-    return tx
-  return optax.chain(optax.scale(loss_scale), tx)
+  if max_nonfinite is not None:
+    # One more than the stop threshold: apply_if_finite never lets a
+    # non-finite update through before the run is stopped.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=max_nonfinite + 1)
+  if loss_scale != 1.0:  # the scaled gradient is what the optimizer (and the check) sees
+    tx = optax.chain(optax.scale(loss_scale), tx)
+  return tx
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite training steps in a row."""
+
+
+def _finite_guard(opt_state: Any) -> Any:
+  """The ``ApplyIfFiniteState`` inside ``_optimizer``'s state (after an optional scale)."""
+  if isinstance(opt_state, tuple) and not hasattr(opt_state, "notfinite_count"):
+    return opt_state[-1]
+  return opt_state
 
 
 def train_and_evaluate(
@@ -462,7 +488,8 @@ def train_and_evaluate(
   data = dataset if dataset is not None else load_task(config)
   start = time.perf_counter()
   model = create_model(config, data, seed)
-  tx = _optimizer(arm, config.learning_rate, config.weight_decay, config.n_qubits, config.loss_scale)
+  tx = _optimizer(arm, config.learning_rate, config.weight_decay, config.n_qubits, config.loss_scale,
+                  config.max_nonfinite)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   metrics = _metrics()
   model.train()
@@ -525,6 +552,14 @@ def train_and_evaluate(
       train_time += time.perf_counter() - epoch_start - save_time
 
       nnx.update((model, optimizer, metrics), state)
+      if config.max_nonfinite is not None:
+        in_a_row = int(_finite_guard(optimizer.opt_state).notfinite_count[...])
+        if in_a_row >= config.max_nonfinite:
+          raise NonFiniteError(
+              f"{arm.label} seed={seed}: {in_a_row} non-finite training steps in a row (up to step "
+              f"{global_step}, max_nonfinite={config.max_nonfinite}); the parameters were left as "
+              "they were before them. Lower the learning rate or quantum_weight, or use "
+              "modulate='update'.")
       for key, value in metrics.compute().items():
         history.setdefault(f"train_{key}", []).append(float(value))
       metrics.reset()
@@ -551,6 +586,8 @@ def train_and_evaluate(
       "compile_time_s": compile_time,
       "mean_step_time_s": train_time / steps_run if steps_run else float("nan"),
       "diverged": not all(math.isfinite(v) for v in history["train_loss"]),
+      "nonfinite_steps": (int(_finite_guard(optimizer.opt_state).total_notfinite[...])
+                          if config.max_nonfinite is not None else None),
   }
   if return_state:
     return record, nnx.state((model, optimizer))
