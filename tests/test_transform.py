@@ -27,11 +27,14 @@ def _grad_fn(targets):
   return jax.grad(loss)
 
 
-@pytest.mark.parametrize(
-    "circuit, scope, modulate",
-    list(itertools.product(CIRCUITS, SCOPES, MODULATES)),
-    ids=lambda v: v,
-)
+# A Latin square over (circuit, scope, modulate): every pair of values of any
+# two of the three dimensions occurs once (9 compiles instead of 27); the
+# shared battery runs the full product on other properties.
+LATIN = [(c, s, MODULATES[(i + j) % len(MODULATES)])
+         for i, c in enumerate(CIRCUITS) for j, s in enumerate(SCOPES)]
+
+
+@pytest.mark.parametrize("circuit, scope, modulate", LATIN, ids=lambda v: v)
 def test_matches_numpy_reference(circuit, scope, modulate, rng):
   params = mixed_tree(rng)
   targets = mixed_tree(rng)
