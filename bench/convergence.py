@@ -175,16 +175,6 @@ def _names(accepted: Sequence[str], flag: str):
   return parse
 
 
-def _count(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
-
-
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="convergence.py", description=__doc__.split("\n\n")[0],
@@ -197,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--attention", type=_names(classification.ATTENTIONS, "attention"),
                       default=None,
                       help=f"comma list from {classification.ATTENTIONS} (default: {DEFAULTS['attention']})")
-  parser.add_argument("--epochs", type=_count, default=None,
+  parser.add_argument("--epochs", type=_common.int_arg(1), default=None,
                       help=f"epochs per run (default: {DEFAULTS['epochs']})")
   parser.add_argument("--target-accuracy", type=float, default=0.9,
                       help="test accuracy that epochs_to_target waits for (default: %(default)s)")

@@ -85,18 +85,6 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def _count(minimum: int):
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      value = minimum - 1
-    if value < minimum:
-      raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-    return value
-  return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="lm.py", description=__doc__.split("\n\n")[0],
@@ -107,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
   parser.set_defaults(optimizers=None, seeds=None, lr=None)
   parser.add_argument("--model", choices=("smollm2-135m", "tiny"), default=None,
                       help=f"pretrained SmolLM2 or a random tiny Llama (default: {DEFAULTS['model']})")
-  parser.add_argument("--examples", type=_count(1), default=None,
+  parser.add_argument("--examples", type=_common.int_arg(1), default=None,
                       help=f"training problems, one epoch (default: {DEFAULTS['examples']})")
-  parser.add_argument("--test-examples", type=_count(1), default=None,
+  parser.add_argument("--test-examples", type=_common.int_arg(1), default=None,
                       help=f"held-out problems (default: {DEFAULTS['test_examples']})")
-  parser.add_argument("--max-len", type=_count(8), default=None,
+  parser.add_argument("--max-len", type=_common.int_arg(8), default=None,
                       help=f"context length (default: {DEFAULTS['max_len']})")
   parser.add_argument("--from", dest="from_dir", type=Path, default=None, metavar="DIR",
                       help="redraw the table and plot from DIR/summary.json, no training")

@@ -271,16 +271,6 @@ def _problems(text: str) -> tuple[str, ...]:
   return names
 
 
-def _count(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
-
-
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="robustness.py", description=__doc__.split("\n\n")[0],
@@ -295,15 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"quantum_weight values (default: {DEFAULTS['weights']})")
   parser.add_argument("--scales", type=_float_list, default=None,
                       help=f"loss scales (default: {DEFAULTS['scales']})")
-  parser.add_argument("--seeds", type=_count, default=None,
+  parser.add_argument("--seeds", type=_common.int_arg(1), default=None,
                       help=f"seeds per analytic cell (default: {DEFAULTS['seeds']})")
-  parser.add_argument("--steps", type=_count, default=None,
+  parser.add_argument("--steps", type=_common.int_arg(1), default=None,
                       help=f"steps on the analytic problems (default: {DEFAULTS['steps']})")
   parser.add_argument("--problems", type=_problems, default=None,
                       help=f"comma list from {', '.join(PROBLEMS)} (default: all)")
-  parser.add_argument("--classifier-seeds", type=_count, default=None,
+  parser.add_argument("--classifier-seeds", type=_common.int_arg(1), default=None,
                       help=f"seeds per classifier cell (default: {DEFAULTS['classifier_seeds']})")
-  parser.add_argument("--classifier-epochs", type=_count, default=None,
+  parser.add_argument("--classifier-epochs", type=_common.int_arg(1), default=None,
                       help=f"classifier epochs (default: {DEFAULTS['classifier_epochs']})")
   parser.add_argument("--circuit", choices=("sine", "paper"), default="sine",
                       help="circuit on the analytic problems (default: %(default)s)")

@@ -119,24 +119,14 @@ def table(runs: Sequence[dict[str, Any]]) -> str:
       ["arm", "steps", "first non-finite", "final loss", "peak RSS MB", "step ms (drift)"], rows)
 
 
-def _count(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="soak.py", description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   _common.add_common_args(parser, optimizers=DEFAULTS["optimizers"], seeds="0,")
   parser.set_defaults(optimizers=None)
-  parser.add_argument("--steps", type=_count, default=None,
+  parser.add_argument("--steps", type=_common.int_arg(1), default=None,
                       help=f"optimizer steps per arm (default: {DEFAULTS['steps']})")
-  parser.add_argument("--every", type=_count, default=None,
+  parser.add_argument("--every", type=_common.int_arg(1), default=None,
                       help=f"sampling interval in steps (default: {DEFAULTS['every']})")
   args = parser.parse_args(argv)
   base = SMOKE if args.smoke else DEFAULTS

@@ -54,6 +54,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from qsgd_optax.tasks import _common
+
 CIRCUITS = ("paper", "entangled", "sine")
 SCOPES = ("leaf", "model", "all")
 MODULATES = ("gradient", "preconditioned", "update")
@@ -254,18 +256,6 @@ def _combos_arg(text: str) -> list[tuple[str, str, str]]:
   return combos
 
 
-def _int_arg(minimum: int):
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      value = minimum - 1
-    if value < minimum:
-      raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-    return value
-  return parse
-
-
 def _seconds_arg(text: str) -> float:
   try:
     value = float(text)
@@ -293,9 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma list of circuit/scope/modulate with circuit in "
                            f"{'|'.join(CIRCUITS)}, scope in {'|'.join(SCOPES)}, modulate in "
                            f"{'|'.join(MODULATES)} (default: {DEFAULT_COMBOS})")
-  parser.add_argument("--pairs", type=_int_arg(1), default=None,
+  parser.add_argument("--pairs", type=_common.int_arg(1), default=None,
                       help=f"interleaved adamw/qsgd pairs per case (default: {DEFAULTS['pairs']})")
-  parser.add_argument("--warmup", type=_int_arg(0), default=None,
+  parser.add_argument("--warmup", type=_common.int_arg(0), default=None,
                       help=f"untimed calls per arm before timing (default: {DEFAULTS['warmup']})")
   parser.add_argument("--budget-s", type=_seconds_arg, default=None,
                       help="stop a case early once its timed time (both arms) passes this "
@@ -303,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--train-steps", type=_train_arg, default=None,
                       help="comma list of full Flax train steps to time too, from "
                            f"{'|'.join(TRAIN_TASKS)}, or 'none' (default: {DEFAULT_TRAIN})")
-  parser.add_argument("--min-pairs", type=_int_arg(1), default=None,
+  parser.add_argument("--min-pairs", type=_common.int_arg(1), default=None,
                       help=f"pairs run even past the budget (default: {DEFAULTS['min_pairs']})")
   return parser
 

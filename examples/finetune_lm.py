@@ -64,19 +64,6 @@ def _fraction_arg(text: str) -> float:
   return value
 
 
-def _count_arg(minimum: int):
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      value = minimum - 1
-    if value < minimum:
-      raise argparse.ArgumentTypeError(
-          f"expected an integer >= {minimum}, got {text!r}")
-    return value
-  return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
   """The CLI's argument parser."""
   parser = argparse.ArgumentParser(
@@ -91,17 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pretrained SmolLM2-135M-Instruct, or a tiny "
                            "random-init Llama with a byte tokenizer (no "
                            "download) (default: %(default)s)")
-  parser.add_argument("--examples", type=_count_arg(1),
+  parser.add_argument("--examples", type=_common.int_arg(1),
                       default=DEFAULTS["examples"],
                       help="training problems; one epoch (default: %(default)s)")
-  parser.add_argument("--test-examples", type=_count_arg(0),
+  parser.add_argument("--test-examples", type=_common.int_arg(0),
                       default=DEFAULTS["test_examples"],
                       help="held-out problems from unseen templates "
                            "(default: %(default)s)")
-  parser.add_argument("--max-len", type=_count_arg(8),
+  parser.add_argument("--max-len", type=_common.int_arg(8),
                       default=DEFAULTS["max_len"],
                       help="context length in tokens (default: %(default)s)")
-  parser.add_argument("--grad-accum", type=_count_arg(1), default=1,
+  parser.add_argument("--grad-accum", type=_common.int_arg(1), default=1,
                       help="micro-batches per optimizer update, via "
                            "optax.MultiSteps (default: %(default)s)")
   parser.add_argument("--warmup", type=_fraction_arg, default=0.1,
@@ -123,10 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--pack", action="store_true",
                       help="pack several examples per row (default: one "
                            "example per row, padded to a multiple of --bucket)")
-  parser.add_argument("--bucket", type=_count_arg(1), default=64,
+  parser.add_argument("--bucket", type=_common.int_arg(1), default=64,
                       help="padded row lengths are multiples of this "
                            "(default: %(default)s)")
-  parser.add_argument("--data-seed", type=_count_arg(0), default=0,
+  parser.add_argument("--data-seed", type=_common.int_arg(0), default=0,
                       help="seed of the problem set; --seeds only shuffle "
                            "its order (default: %(default)s)")
   parser.add_argument("--mesh", type=_mesh_arg, default=None,
@@ -136,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() first "
                            "(multi-host)")
-  parser.add_argument("--n-qubits", type=_count_arg(1), default=4,
+  parser.add_argument("--n-qubits", type=_common.int_arg(1), default=4,
                       help="QSGD register size (default: %(default)s)")
   parser.add_argument("--cache", default=None, metavar="DIR",
                       help="download cache (default: $QSGD_OPTAX_CACHE or "

@@ -59,16 +59,6 @@ def _fraction_arg(text: str) -> float:
   return value
 
 
-def _positive_int_arg(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
-
-
 def build_parser() -> argparse.ArgumentParser:
   """The CLI's argument parser."""
   parser = argparse.ArgumentParser(
@@ -86,21 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
                            "every score and is much slower (default: %(default)s)")
   parser.add_argument("--pooling", choices=classification.POOLINGS, default="mean",
                       help="sequence pooling (default: %(default)s)")
-  parser.add_argument("--epochs", type=_positive_int_arg, default=None,
+  parser.add_argument("--epochs", type=_common.int_arg(1), default=None,
                       help=f"training epochs (default: {DEFAULTS['epochs']})")
   parser.add_argument("--target-accuracy", type=_fraction_arg, default=0.9,
                       help="test accuracy that epochs_to_target waits for (default: %(default)s)")
   parser.add_argument("--weight-decay", type=float, default=0.0,
                       help="decoupled weight decay (default: %(default)s)")
-  parser.add_argument("--checkpoint-every", type=_positive_int_arg, default=None, metavar="N",
+  parser.add_argument("--checkpoint-every", type=_common.int_arg(1), default=None, metavar="N",
                       help="checkpoint every N optimizer steps and after every epoch, under DIR/checkpoints "
                            "(default: no checkpoints unless --resume)")
-  parser.add_argument("--keep", type=_positive_int_arg, default=3, metavar="N",
+  parser.add_argument("--keep", type=_common.int_arg(1), default=3, metavar="N",
                       help="checkpoints kept per run (default: %(default)s)")
   parser.add_argument("--resume", action="store_true",
                       help="continue every run from its latest complete checkpoint under DIR/checkpoints "
                            "(and checkpoint after every epoch)")
-  parser.add_argument("--max-nonfinite", type=_positive_int_arg, default=None, metavar="N",
+  parser.add_argument("--max-nonfinite", type=_common.int_arg(1), default=None, metavar="N",
                       help="skip optimizer steps with a non-finite gradient (optax.apply_if_finite), "
                            "count them in summary.json (nonfinite_steps) and stop after N in a row "
                            "(default: off)")

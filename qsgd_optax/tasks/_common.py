@@ -63,6 +63,7 @@ __all__ = [
     "add_common_args",
     "format_table",
     "group_runs",
+    "int_arg",
     "make_optimizer",
     "mean_std",
     "parse_arm",
@@ -262,14 +263,26 @@ def _positive_float_arg(text: str) -> float:
   return value
 
 
-def _positive_int_arg(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
+def int_arg(minimum: int) -> Callable[[str], int]:
+  """An argparse ``type`` accepting integers ``>= minimum`` (argparse error otherwise).
+
+  >>> int_arg(1)("3")
+  3
+  """
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      value = minimum - 1
+    if value < minimum:
+      noun = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+      raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}")
+    return value
+  parse.__name__ = "int"
+  return parse
+
+
+_positive_int_arg = int_arg(1)
 
 
 def add_common_args(
