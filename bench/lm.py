@@ -148,11 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config["total_wall_time_s"] = time.perf_counter() - start
     out = Path(args.out)
     _common.write_summary(out, runs, config)
-  text = table(analyse(runs))
+  rows = analyse(runs)
+  text = table(rows)
   print(text)
   out.mkdir(parents=True, exist_ok=True)
   (out / "table.md").write_text(text + "\n")
-  (out / "analysis.json").write_text(json.dumps(analyse(runs), indent=2) + "\n")
+  (out / "analysis.json").write_text(json.dumps(rows, indent=2) + "\n")
   png = _common.plot_curves(runs, out / "loss.png",
                             [("loss_smooth", "training loss (EMA 0.9, answer tokens)")],
                             xlabel="micro-step", band="std",
