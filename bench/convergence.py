@@ -27,6 +27,7 @@ Examples::
   python bench/convergence.py                          # synthetic, standard attention
   python bench/convergence.py --tasks synthetic,polarity --attention standard,quantum
   python bench/convergence.py --smoke --out /tmp/conv
+  python bench/convergence.py --tasks polarity --resume   # add a setting to the same DIR
   python bench/convergence.py --from bench/results/convergence
 """
 
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="test accuracy that epochs_to_target waits for (default: %(default)s)")
   parser.add_argument("--from", dest="from_dir", type=Path, default=None, metavar="DIR",
                       help="redraw tables and plots from DIR/summary.json, no training")
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the runs already in OUT/summary.json (same epochs and target) "
+                           "and train only the missing (task, attention, seed, arm) runs")
   return parser
 
 
@@ -213,12 +217,36 @@ def _fill(args: argparse.Namespace) -> argparse.Namespace:
   return args
 
 
+def _previous_runs(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+  if not path.exists():
+    return []
+  runs = json.loads(path.read_text())["runs"]
+  for run in runs:
+    if run["epochs"] != args.epochs or run["target_accuracy"] != args.target_accuracy:
+      raise SystemExit(
+          f"convergence.py: error: --resume: {path} holds runs with epochs={run['epochs']}, "
+          f"target {run['target_accuracy']}; this command asks for epochs={args.epochs}, "
+          f"target {args.target_accuracy}. Use another --out or the same settings.")
+  return runs
+
+
 def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
-  """Trains every setting x seed x arm, saving the summary after each run."""
+  """Trains every setting x seed x arm, saving the summary after each run.
+
+  With ``args.resume`` the runs already in ``args.out/summary.json`` are kept
+  (all of them, so one directory can grow setting by setting) and a job is
+  skipped when a run with its task, attention, seed and arm exists; runs made
+  with other epochs or another target make resuming fail rather than mix.
+  """
   runs: list[dict[str, Any]] = []
-  config_record = {k: v for k, v in vars(args).items() if k != "from_dir"}
+  config_record = {k: v for k, v in vars(args).items() if k not in ("from_dir", "resume")}
   jobs = [(t, a, s, arm) for t in args.tasks for a in args.attention for s in args.seeds
           for arm in args.optimizers]
+  if args.resume:
+    runs = _previous_runs(args.out / "summary.json", args)
+    done = {(r["task"], r["attention"], r["seed"], r["arm"]) for r in runs}
+    jobs = [job for job in jobs if (job[0], job[1], int(job[2]), job[3].label) not in done]
+    print(f"resuming: {len(runs)} runs kept, {len(jobs)} to train")
   datasets: dict[str, Any] = {}
   bar = _common.progress_bar(jobs, desc="runs", disable=args.no_progress)
   for task, attention, seed, arm in bar:

@@ -21,7 +21,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import resource
 import statistics

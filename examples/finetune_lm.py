@@ -13,6 +13,7 @@ Examples::
   python examples/finetune_lm.py                      # the default run
   python examples/finetune_lm.py --smoke --out /tmp/lm
   python examples/finetune_lm.py --optimizers adamw,qsgd:0.5:update --seeds 3
+  python examples/finetune_lm.py --out /tmp/lm --checkpoint-every 8   # then add --resume
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python examples/finetune_lm.py --model tiny --mesh data=2,fsdp=4 --batch-size 8
 
@@ -26,6 +27,16 @@ seed, final_loss (mean of the last 10% of micro-steps), mean_loss (mean
 training loss over the epoch, the paper's metric), eval_loss_before/after
 (held-out loss per answer token), steps, tokens_per_s, wall_time and the
 per-step loss curve; ``DIR/loss.png`` draws the smoothed curves.
+
+Checkpoints (``--checkpoint-every N`` or ``--resume``, with ``--out DIR``):
+Orbax checkpoints of every run (parameters, the whole optimizer state, the
+losses so far and the position in the seeded batch order) under
+``DIR/checkpoints/<arm>-seed<seed>``; ``--resume`` continues each run from
+its latest complete one and ends bit-identical to an uninterrupted run on
+the same devices. A checkpoint of another configuration is refused (exit 1,
+the differing fields named). ``--max-nonfinite N`` skips micro-batches whose
+gradient is not finite, reports ``nonfinite_steps`` per run and stops (exit
+1) after N in a row.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import time
 from collections.abc import Sequence
 
 from qsgd_optax.tasks import _common
+from qsgd_optax.tasks._checkpoints import CheckpointError
 
 DEFAULTS = dict(model="smollm2-135m", examples=48, test_examples=16,
                 max_len=512)
@@ -128,6 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--cache", default=None, metavar="DIR",
                       help="download cache (default: $QSGD_OPTAX_CACHE or "
                            "~/.cache/qsgd_optax)")
+  parser.add_argument("--checkpoint-every", type=_common.int_arg(1),
+                      default=None, metavar="N",
+                      help="Orbax checkpoint every N optimizer steps and at "
+                           "the end of each run, under DIR/checkpoints (needs "
+                           "--out DIR; default: no checkpoints unless --resume)")
+  parser.add_argument("--keep", type=_common.int_arg(1), default=3,
+                      metavar="N",
+                      help="checkpoints kept per run (default: %(default)s)")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue every run from its latest complete "
+                           "checkpoint under DIR/checkpoints (needs --out DIR)")
+  parser.add_argument("--max-nonfinite", type=_common.int_arg(1),
+                      default=None, metavar="N",
+                      help="skip micro-batches with a non-finite gradient "
+                           "(optax.apply_if_finite), count them in "
+                           "summary.json (nonfinite_steps) and stop after N "
+                           "in a row (default: off)")
   return parser
 
 
@@ -138,6 +167,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   if "--smoke" in argv:
     parser.set_defaults(**SMOKE)
   args = parser.parse_args(argv)
+  if (args.checkpoint_every is not None or args.resume) and args.out is None:
+    flag = "--resume" if args.resume else "--checkpoint-every"
+    parser.error(f"argument {flag}: needs --out DIR (checkpoints go to "
+                 "DIR/checkpoints)")
   if args.distributed:
     import jax  # pylint: disable=import-outside-toplevel
     jax.distributed.initialize()
@@ -167,11 +200,21 @@ def main(argv: Sequence[str] | None = None) -> int:
       clip_norm=args.clip_norm if args.clip_norm > 0 else None,
       dtype=args.dtype, format=args.format, pack=args.pack,
       bucket=args.bucket, data_seed=args.data_seed, mesh=args.mesh,
-      n_qubits=args.n_qubits, cache=args.cache)
+      n_qubits=args.n_qubits, cache=args.cache,
+      max_nonfinite=args.max_nonfinite)
   start = time.perf_counter()
   log = lambda msg: print(msg, file=sys.stderr, flush=True)  # pylint: disable=unnecessary-lambda-assignment
-  runs, info = lm.run_finetune(config, args.optimizers, args.seeds,
-                               progress=not args.no_progress, log=log)
+  checkpoint_dir = (args.out / "checkpoints"
+                    if args.checkpoint_every is not None or args.resume else None)
+  try:
+    runs, info = lm.run_finetune(
+        config, args.optimizers, args.seeds, progress=not args.no_progress,
+        log=log, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, keep=args.keep,
+        resume=args.resume)
+  except (CheckpointError, _common.NonFiniteError) as e:
+    print(f"finetune_lm.py: error: {e}", file=sys.stderr)
+    return 1
   total = time.perf_counter() - start
   print(lm.comparison_table(runs))
   steps = runs[0]["steps"] if runs else 0

@@ -85,7 +85,6 @@ class Modulator:
     theta = theta.astype(dtype)
     if self.elementwise:
       return self.fn(theta).astype(dtype)
-    batch = theta.shape[:-1]
     flat = theta.reshape((-1, self.n_qubits))
     if flat.shape[0] == 0:
       return jnp.zeros(theta.shape, dtype)

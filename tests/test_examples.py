@@ -62,6 +62,37 @@ def test_bad_arguments_exit_2_with_a_message(script, bad, what, capsys):
   assert what in err and "usage:" in err
 
 
+@pytest.mark.parametrize("bad, what", [
+    (["--epochs", "-1"], "--epochs"),
+    (["--epochs", "0"], "--epochs"),
+    (["--optimizers", "qsgd:0.5:bogus"], "--optimizers"),
+    (["--max-nonfinite", "0"], "--max-nonfinite"),
+])
+def test_classification_bad_arguments(bad, what, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    _main("sequence_classification.py")(bad)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert what in err and "usage:" in err
+
+
+@pytest.mark.parametrize("bad, what", [
+    (["--mesh", "data=3,fsdp=1"], "does not match the 1 available devices"),
+    (["--mesh", "data=x"], "--mesh"),
+    (["--examples", "-1"], "--examples"),
+    (["--checkpoint-every", "2"], "needs --out DIR"),
+    (["--resume"], "needs --out DIR"),
+    (["--max-nonfinite", "0"], "--max-nonfinite"),
+    (["--warmup", "1.5"], "--warmup"),
+])
+def test_finetune_lm_bad_arguments(bad, what, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    _main("finetune_lm.py")(bad)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert what in err and "usage:" in err
+
+
 def test_classification_smoke(tmp_path):
   proc = _run("sequence_classification.py", "--smoke", "--out", str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -84,7 +115,8 @@ def test_classification_smoke(tmp_path):
 
 
 def test_finetune_lm_smoke(tmp_path):
-  proc = _run("finetune_lm.py", "--smoke", "--out", str(tmp_path))
+  proc = _run("finetune_lm.py", "--smoke", "--out", str(tmp_path), "--checkpoint-every", "1000",
+              "--max-nonfinite", "3")
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "mean loss" in proc.stdout
   summary = json.loads((tmp_path / "summary.json").read_text())
@@ -97,4 +129,17 @@ def test_finetune_lm_smoke(tmp_path):
     # One epoch of training lowers the held-out loss of the random tiny model.
     assert r["eval_loss_after"] < r["eval_loss_before"]
     assert math.isfinite(r["final_loss"]) and r["tokens_per_s"] > 0
+    assert r["nonfinite_steps"] == 0 and r["resumed_at"] == 0
   assert _png(tmp_path / "loss.png")
+  # Each run checkpointed its end; --resume finds them finished and only evaluates.
+  again = _run("finetune_lm.py", "--smoke", "--out", str(tmp_path), "--resume", "--max-nonfinite", "3")
+  assert again.returncode == 0, again.stderr[-4000:]
+  resumed = json.loads((tmp_path / "summary.json").read_text())["runs"]
+  for r, first in zip(resumed, runs):
+    assert r["resumed_at"] == first["micro_steps"]
+    for key in ("loss_curve", "mean_loss", "eval_loss_after"):
+      assert r[key] == first[key]
+  # Without --resume the existing checkpoints are not overwritten: exit 1, the message says why.
+  clash = _run("finetune_lm.py", "--smoke", "--out", str(tmp_path), "--checkpoint-every", "1000")
+  assert clash.returncode == 1 and "already holds checkpoints" in clash.stderr
+  assert "Traceback" not in clash.stderr

@@ -212,6 +212,23 @@ def test_loaded_model_matches_model_with_same_params(tiny_files, rng):
   assert tok.get_vocab_size() == TINY.vocab_size
 
 
+@pytest.mark.parametrize("keep", [0.0, 0.01, 0.5, 0.999])
+def test_truncated_or_junk_file_names_the_file(tiny_files, tmp_path, keep):
+  _, root = tiny_files
+  data = (root / "f32.gguf").read_bytes()
+  bad = tmp_path / "model.gguf"
+  bad.write_bytes(data[: int(len(data) * keep)])
+  with pytest.raises(ValueError, match=r"model\.gguf .* not a readable GGUF file.*fetch it again"):
+    gguf_loader.load_gguf(bad)
+
+
+def test_not_gguf_names_the_file(tmp_path):
+  bad = tmp_path / "weights.bin"
+  bad.write_bytes(b"not a gguf file" * 64)
+  with pytest.raises(ValueError, match=r"weights\.bin .*magic"):
+    gguf_loader.load_gguf(bad)
+
+
 def test_tokenizer_round_trip(tiny_files):
   _, root = tiny_files
   tok = gguf_loader.load_gguf(root / "f32.gguf").tokenizer

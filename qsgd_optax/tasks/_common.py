@@ -58,6 +58,7 @@ __all__ = [
     "Arm",
     "CIRCUITS",
     "MODULATES",
+    "NonFiniteError",
     "OPTIMIZERS",
     "SCOPES",
     "add_common_args",
@@ -74,6 +75,11 @@ __all__ = [
     "run_arms",
     "write_summary",
 ]
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite training steps in a row (the tasks' ``max_nonfinite``)."""
+
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "qsgd")
 MODULATES: tuple[str, ...] = ("gradient", "preconditioned", "update")
@@ -327,6 +333,7 @@ def progress_bar(
     iterable: Iterable[Any] | None = None,
     *,
     total: int | None = None,
+    initial: int = 0,
     desc: str | None = None,
     disable: bool = False,
     leave: bool = True,
@@ -335,7 +342,7 @@ def progress_bar(
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
   return tqdm(
-      iterable, total=total, desc=desc, disable=disable, leave=leave,
+      iterable, total=total, initial=initial, desc=desc, disable=disable, leave=leave,
       file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
 

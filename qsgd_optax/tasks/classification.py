@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,7 +40,9 @@ import optax
 from flax import nnx
 
 from qsgd_optax.tasks import text_data
-from qsgd_optax.tasks._common import Arm, format_table, group_runs, make_optimizer, mean_std, parse_arm, progress_bar
+from qsgd_optax.tasks._checkpoints import CheckpointError, RunCheckpoints, run_directory
+from qsgd_optax.tasks._common import (  # parse_arm: the doctests' namespace
+    Arm, NonFiniteError, format_table, group_runs, make_optimizer, mean_std, parse_arm, progress_bar)  # noqa: F401
 from qsgd_optax.tasks.quantum_attention import METHODS, MultiHeadSelfAttention
 
 __all__ = [
@@ -291,12 +290,6 @@ def epochs_to_target(accuracies: Sequence[float], target: float) -> int | None:
 # training trajectory. ``epochs`` (a resumed run may train longer) and
 # ``target_accuracy`` (only read when the record is built) are left out.
 _NOT_IDENTITY = ("epochs", "target_accuracy")
-_IDENTITY_FILE = "run_identity.json"
-_COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, before the atomic rename
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory that a run cannot resume from or write to."""
 
 
 def checkpoint_path(checkpoint_dir: str | os.PathLike[str], arm: Arm, seed: int) -> Path:
@@ -308,89 +301,13 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike[str], arm: Arm, seed: int)
   >>> checkpoint_path("ckpt", parse_arm("qsgd:0.5"), 2).as_posix()
   'ckpt/qsgd_0.5-seed2'
   """
-  label = re.sub(r"[^A-Za-z0-9._-]", "_", arm.label)
-  return Path(checkpoint_dir) / f"{label}-seed{int(seed)}"
+  return run_directory(checkpoint_dir, arm.label, seed)
 
 
 def _identity(config: ClassificationConfig, arm: Arm, seed: int, data: text_data.TextDataset) -> dict[str, Any]:
   fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
   return {"optimizer": arm.label, "seed": int(seed), **fields, "train_sequences": len(data.train),
           "vocab_size": int(data.vocab_size), "num_classes": int(data.num_classes)}
-
-
-def _write_json_atomically(path: Path, payload: Any) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(payload, indent=2) + "\n")
-  os.replace(tmp, path)
-
-
-class _Checkpoints:
-  """One run's Orbax checkpoints: identity check, latest complete step, save and restore."""
-
-  def __init__(self, directory: Path, identity: dict[str, Any], *, keep: int, resume: bool):
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-    self._ocp = ocp
-    self.directory = directory.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=True,
-            create=True))
-    try:
-      self._check(identity, resume)
-    except BaseException:
-      self._manager.close()
-      raise
-
-  def _check(self, identity: dict[str, Any], resume: bool) -> None:
-    complete = [s for s in self._manager.all_steps() if self._is_complete(s)]
-    self.latest = max(complete) if complete else None
-    if self.latest is not None and not resume:
-      raise CheckpointError(
-          f"{self.directory} already holds checkpoints (latest at step {self.latest}); resume them "
-          "(resume=True, --resume) or remove the directory to start over")
-    identity_file = self.directory / _IDENTITY_FILE
-    if self.latest is not None:
-      if not identity_file.is_file():
-        raise CheckpointError(f"cannot resume from {self.directory}: it has no {_IDENTITY_FILE}")
-      saved = json.loads(identity_file.read_text())
-      diffs = [f"checkpoint has {k} {saved.get(k)!r}, this run asks for {v!r}"
-               for k, v in identity.items() if saved.get(k) != v]
-      if diffs:
-        raise CheckpointError(f"cannot resume from {self.directory}: {'; '.join(diffs)}")
-    # Steps after the one resumed (or any, on a fresh start) are incomplete saves: drop them,
-    # so that this run can write those step numbers again.
-    stale = [s for s in self._manager.all_steps() if self.latest is None or s > self.latest]
-    for s in stale:
-      shutil.rmtree(self._step_dir(s))
-    if stale:
-      self._manager.reload()
-    _write_json_atomically(identity_file, identity)
-
-  def _step_dir(self, step: int) -> Path:
-    return self.directory / str(step)  # Orbax's default step name format
-
-  def _is_complete(self, step: int) -> bool:
-    return (self._step_dir(step) / _COMMIT_MARKER).is_file()
-
-  def save(self, step: int, state: nnx.State, progress: dict[str, Any]) -> None:
-    ocp = self._ocp
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(nnx.to_pure_dict(state)), progress=ocp.args.JsonSave(progress)), force=True)
-    self._manager.wait_until_finished()
-
-  def restore(self, state: nnx.State) -> dict[str, Any]:
-    """Loads the latest complete checkpoint into ``state`` (in place); returns its progress record."""
-    ocp = self._ocp
-    restored = self._manager.restore(self.latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(nnx.to_pure_dict(state)), progress=ocp.args.JsonRestore()))
-    nnx.replace_by_pure_dict(state, restored.state)
-    return dict(restored.progress)
-
-  def close(self) -> None:
-    self._manager.close()
 
 
 # --------------------------------------------------------------------------- loop
@@ -408,10 +325,6 @@ def _optimizer(arm: Arm, learning_rate: float, weight_decay: float, n_qubits: in
   if loss_scale != 1.0:  # the scaled gradient is what the optimizer (and the check) sees
     tx = optax.chain(optax.scale(loss_scale), tx)
   return tx
-
-
-class NonFiniteError(RuntimeError):
-  """Too many non-finite training steps in a row."""
 
 
 def _finite_guard(opt_state: Any) -> Any:
@@ -505,10 +418,11 @@ def train_and_evaluate(
   first_epoch, first_position, global_step = 0, 0, 0
   checkpoints = None
   if checkpoint_dir is not None:
-    checkpoints = _Checkpoints(checkpoint_path(checkpoint_dir, arm, seed), _identity(config, arm, seed, data),
-                               keep=keep, resume=resume)
+    checkpoints = RunCheckpoints(checkpoint_path(checkpoint_dir, arm, seed), _identity(config, arm, seed, data),
+                                 keep=keep, resume=resume)
     if checkpoints.latest is not None:
-      saved = checkpoints.restore(state)
+      tree, saved = checkpoints.restore(nnx.to_pure_dict(state))
+      nnx.replace_by_pure_dict(state, tree)
       first_epoch, first_position, global_step = saved["epoch"], saved["position"], saved["step"]
       if first_epoch > config.epochs or (first_epoch == config.epochs and first_position):
         checkpoints.close()
@@ -544,7 +458,7 @@ def train_and_evaluate(
         if (checkpoints is not None and checkpoint_every is not None and global_step % checkpoint_every == 0
             and i + 1 < steps_per_epoch):  # the epoch's last step is saved after evaluation
           save_start = time.perf_counter()
-          checkpoints.save(global_step, state, progress_record(epoch, i + 1, epoch_rng_state))
+          checkpoints.save(global_step, nnx.to_pure_dict(state), progress_record(epoch, i + 1, epoch_rng_state))
           save_time += time.perf_counter() - save_start
         if on_step is not None:
           on_step(global_step)
@@ -570,7 +484,7 @@ def train_and_evaluate(
             history.setdefault(f"{name}_{key}", []).append(value)
       graphdef, state = nnx.split((model, optimizer, metrics))
       if checkpoints is not None:
-        checkpoints.save(global_step, state, progress_record(epoch + 1, 0, order_rng.bit_generator.state))
+        checkpoints.save(global_step, nnx.to_pure_dict(state), progress_record(epoch + 1, 0, order_rng.bit_generator.state))
   finally:
     if checkpoints is not None:
       checkpoints.close()

