@@ -222,11 +222,14 @@ def _previous_runs(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]
     return []
   runs = json.loads(path.read_text())["runs"]
   for run in runs:
+    if run["task"] not in args.tasks or run["attention"] not in args.attention:
+      continue  # another setting: kept as it is
     if run["epochs"] != args.epochs or run["target_accuracy"] != args.target_accuracy:
       raise SystemExit(
-          f"convergence.py: error: --resume: {path} holds runs with epochs={run['epochs']}, "
-          f"target {run['target_accuracy']}; this command asks for epochs={args.epochs}, "
-          f"target {args.target_accuracy}. Use another --out or the same settings.")
+          f"convergence.py: error: --resume: {path} holds {run['setting']} runs with "
+          f"epochs={run['epochs']}, target {run['target_accuracy']}; this command asks for "
+          f"epochs={args.epochs}, target {args.target_accuracy}. Use another --out or the same "
+          "settings.")
   return runs
 
 
@@ -235,8 +238,9 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
 
   With ``args.resume`` the runs already in ``args.out/summary.json`` are kept
   (all of them, so one directory can grow setting by setting) and a job is
-  skipped when a run with its task, attention, seed and arm exists; runs made
-  with other epochs or another target make resuming fail rather than mix.
+  skipped when a run with its task, attention, seed and arm exists; runs of a
+  requested setting made with other epochs or another target make resuming
+  fail rather than mix.
   """
   runs: list[dict[str, Any]] = []
   config_record = {k: v for k, v in vars(args).items() if k not in ("from_dir", "resume")}
