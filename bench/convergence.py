@@ -166,16 +166,6 @@ def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
 # --------------------------------------------------------------------------- CLI
 
 
-def _names(accepted: Sequence[str], flag: str):
-  def parse(text: str) -> tuple[str, ...]:
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    if not names or any(n not in accepted for n in names):
-      raise argparse.ArgumentTypeError(f"expected a comma list from {', '.join(accepted)}, got {text!r}")
-    return names
-  parse.__name__ = flag
-  return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="convergence.py", description=__doc__.split("\n\n")[0],
@@ -183,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
       epilog=f"--smoke: {SMOKE}, data {SMOKE_DATA} (explicit options still win).")
   _common.add_common_args(parser, optimizers=DEFAULTS["optimizers"], seeds=DEFAULTS["seeds"])
   parser.set_defaults(optimizers=None, seeds=None)
-  parser.add_argument("--tasks", type=_names(classification.TASKS, "tasks"), default=None,
+  parser.add_argument("--tasks", type=_common.names_arg(classification.TASKS), default=None,
                       help=f"comma list from {classification.TASKS} (default: {DEFAULTS['tasks']})")
-  parser.add_argument("--attention", type=_names(classification.ATTENTIONS, "attention"),
+  parser.add_argument("--attention", type=_common.names_arg(classification.ATTENTIONS),
                       default=None,
                       help=f"comma list from {classification.ATTENTIONS} (default: {DEFAULTS['attention']})")
   parser.add_argument("--epochs", type=_common.int_arg(1), default=None,

@@ -262,15 +262,6 @@ def _float_list(text: str) -> tuple[float, ...]:
   return values
 
 
-def _problems(text: str) -> tuple[str, ...]:
-  names = tuple(t.strip() for t in text.split(",") if t.strip())
-  bad = [n for n in names if n not in PROBLEMS]
-  if not names or bad:
-    raise argparse.ArgumentTypeError(
-        f"expected a comma list from {', '.join(PROBLEMS)}, got {text!r}")
-  return names
-
-
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="robustness.py", description=__doc__.split("\n\n")[0],
@@ -289,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"seeds per analytic cell (default: {DEFAULTS['seeds']})")
   parser.add_argument("--steps", type=_common.int_arg(1), default=None,
                       help=f"steps on the analytic problems (default: {DEFAULTS['steps']})")
-  parser.add_argument("--problems", type=_problems, default=None,
+  parser.add_argument("--problems", type=_common.names_arg(PROBLEMS), default=None,
                       help=f"comma list from {', '.join(PROBLEMS)} (default: all)")
   parser.add_argument("--classifier-seeds", type=_common.int_arg(1), default=None,
                       help=f"seeds per classifier cell (default: {DEFAULTS['classifier_seeds']})")
@@ -304,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _fill(args: argparse.Namespace) -> argparse.Namespace:
   base = SMOKE if args.smoke else DEFAULTS
   parsers = {"weights": _float_list, "scales": _float_list, "seeds": int, "steps": int,
-             "problems": _problems, "classifier_seeds": int, "classifier_epochs": int}
+             "problems": _common.names_arg(PROBLEMS), "classifier_seeds": int, "classifier_epochs": int}
   for key, parse in parsers.items():
     if getattr(args, key) is None:
       setattr(args, key, parse(base[key]) if isinstance(base[key], str) else base[key])

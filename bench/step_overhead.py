@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--budget-s", type=_seconds_arg, default=None,
                       help="stop a case early once its timed time (both arms) passes this "
                            f"(default: {DEFAULTS['budget_s']:g})")
-  parser.add_argument("--train-steps", type=_train_arg, default=None,
+  parser.add_argument("--train-steps", type=_common.names_arg(TRAIN_TASKS, empty="none"), default=None,
                       help="comma list of full Flax train steps to time too, from "
                            f"{'|'.join(TRAIN_TASKS)}, or 'none' (default: {DEFAULT_TRAIN})")
   parser.add_argument("--min-pairs", type=_common.int_arg(1), default=None,
@@ -309,18 +309,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if getattr(args, name) is None:
       setattr(args, name, preset[name])
   if args.train_steps is None:
-    args.train_steps = _train_arg(preset["train_steps"])
+    args.train_steps = _common.names_arg(TRAIN_TASKS, empty="none")(preset["train_steps"])
   return args
-
-
-def _train_arg(text: str) -> tuple[str, ...]:
-  if text.strip() == "none":
-    return ()
-  names = tuple(t.strip() for t in text.split(",") if t.strip())
-  if not names or any(n not in TRAIN_TASKS for n in names):
-    raise argparse.ArgumentTypeError(
-        f"expected a comma list from {', '.join(TRAIN_TASKS)} or 'none', got {text!r}")
-  return names
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """QSGD against an independent NumPy reference, and argument validation."""
 
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp

@@ -67,6 +67,7 @@ __all__ = [
     "int_arg",
     "make_optimizer",
     "mean_std",
+    "names_arg",
     "parse_arm",
     "parse_arms",
     "parse_seeds",
@@ -289,6 +290,29 @@ def int_arg(minimum: int) -> Callable[[str], int]:
 
 
 _positive_int_arg = int_arg(1)
+
+
+def names_arg(accepted: Sequence[str], *, empty: str | None = None) -> Callable[[str], tuple[str, ...]]:
+  """An argparse ``type`` accepting a comma list of names from ``accepted``.
+
+  ``empty`` names a word that stands for the empty list (e.g. ``"none"``).
+
+  >>> names_arg(("a", "b"))("b, a")
+  ('b', 'a')
+  >>> names_arg(("a", "b"), empty="none")("none")
+  ()
+  """
+  def parse(text: str) -> tuple[str, ...]:
+    if empty is not None and text.strip() == empty:
+      return ()
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names or any(n not in accepted for n in names):
+      alternative = f" or {empty!r}" if empty is not None else ""
+      raise argparse.ArgumentTypeError(
+          f"expected a comma list from {', '.join(accepted)}{alternative}, got {text!r}")
+    return names
+  parse.__name__ = "names"
+  return parse
 
 
 def add_common_args(

@@ -13,9 +13,7 @@ os.environ["XLA_FLAGS"] = (
 )
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import qsgd_optax  # noqa: E402
