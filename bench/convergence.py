@@ -207,20 +207,39 @@ def _fill(args: argparse.Namespace) -> argparse.Namespace:
   return args
 
 
-def _previous_runs(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+# Options that shape every run: runs made with other values are not comparable.
+_SHARED = ("lr", "batch_size", "smoke")
+# Options that name what was run: a resumed summary records the union.
+_UNION = ("tasks", "attention", "optimizers", "seeds")
+
+
+def _previous(path: Path, args: argparse.Namespace,
+              config: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """The runs kept by ``--resume`` and the merged config record."""
+  config = _common._jsonable(config)  # pylint: disable=protected-access
   if not path.exists():
-    return []
-  runs = json.loads(path.read_text())["runs"]
+    return [], config
+  summary = json.loads(path.read_text())
+  runs, saved = summary["runs"], summary.get("config", {})
+
+  def refuse(what: str) -> None:
+    raise SystemExit(f"convergence.py: error: --resume: {path} holds {what}. Use another --out "
+                     "or the same settings.")
+
+  for key in _SHARED:
+    if key in saved and saved[key] != config[key]:
+      refuse(f"runs made with {key}={saved[key]!r}; this command asks for {key}={config[key]!r}")
   for run in runs:
     if run["task"] not in args.tasks or run["attention"] not in args.attention:
       continue  # another setting: kept as it is
     if run["epochs"] != args.epochs or run["target_accuracy"] != args.target_accuracy:
-      raise SystemExit(
-          f"convergence.py: error: --resume: {path} holds {run['setting']} runs with "
-          f"epochs={run['epochs']}, target {run['target_accuracy']}; this command asks for "
-          f"epochs={args.epochs}, target {args.target_accuracy}. Use another --out or the same "
-          "settings.")
-  return runs
+      refuse(f"{run['setting']} runs with epochs={run['epochs']}, target {run['target_accuracy']}; "
+             f"this command asks for epochs={args.epochs}, target {args.target_accuracy}")
+  for key in _UNION:
+    merged = list(saved.get(key, []))
+    merged += [v for v in config[key] if v not in merged]
+    config[key] = merged
+  return runs, config
 
 
 def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -228,19 +247,22 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
 
   With ``args.resume`` the runs already in ``args.out/summary.json`` are kept
   (all of them, so one directory can grow setting by setting) and a job is
-  skipped when a run with its task, attention, seed and arm exists; runs of a
-  requested setting made with other epochs or another target make resuming
-  fail rather than mix.
+  skipped when a run with its task, attention, seed and arm exists. Runs made
+  with another learning rate, batch size or data size, or runs of a requested
+  setting with other epochs or another target, make resuming fail rather
+  than mix; the config record lists the union of tasks, attention, arms and
+  seeds.
   """
   runs: list[dict[str, Any]] = []
   config_record = {k: v for k, v in vars(args).items() if k not in ("from_dir", "resume")}
   jobs = [(t, a, s, arm) for t in args.tasks for a in args.attention for s in args.seeds
           for arm in args.optimizers]
   if args.resume:
-    runs = _previous_runs(args.out / "summary.json", args)
+    runs, config_record = _previous(args.out / "summary.json", args, config_record)
     done = {(r["task"], r["attention"], r["seed"], r["arm"]) for r in runs}
     jobs = [job for job in jobs if (job[0], job[1], int(job[2]), job[3].label) not in done]
     print(f"resuming: {len(runs)} runs kept, {len(jobs)} to train")
+    _common.write_summary(args.out, runs, config_record)
   datasets: dict[str, Any] = {}
   bar = _common.progress_bar(jobs, desc="runs", disable=args.no_progress)
   for task, attention, seed, arm in bar:

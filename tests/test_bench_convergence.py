@@ -108,10 +108,12 @@ def test_smoke_and_from(tmp_path):
   proc = run("--smoke", "--out", str(tmp_path), "--seeds", "3", "--resume", "--no-progress")
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "4 runs kept, 2 to train" in proc.stdout
-  grown = json.loads((tmp_path / "summary.json").read_text())["runs"]
-  assert grown[:4] == runs and sorted((r["arm"], r["seed"]) for r in grown[4:]) == [
+  grown = json.loads((tmp_path / "summary.json").read_text())
+  assert grown["runs"][:4] == runs and sorted((r["arm"], r["seed"]) for r in grown["runs"][4:]) == [
       ("adamw", 2), ("qsgd:0.5", 2)]
-  proc = run("--smoke", "--out", str(tmp_path), "--epochs", "3", "--resume", "--no-progress")
-  assert proc.returncode == 1 and "epochs=2" in proc.stderr and "Traceback" not in proc.stderr
+  assert grown["config"]["seeds"] == [0, 1, 2]
+  for bad, message in ((["--epochs", "3"], "epochs=2"), (["--lr", "0.5"], "lr=0.001")):
+    proc = run("--smoke", "--out", str(tmp_path), "--resume", "--no-progress", *bad)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
   proc = run("--tasks", "mnist")
   assert proc.returncode == 2 and "--tasks" in proc.stderr and "Traceback" not in proc.stderr

@@ -135,6 +135,7 @@ def test_finetune_lm_smoke(tmp_path):
   again = _run("finetune_lm.py", "--smoke", "--out", str(tmp_path), "--resume", "--max-nonfinite", "3")
   assert again.returncode == 0, again.stderr[-4000:]
   resumed = json.loads((tmp_path / "summary.json").read_text())["runs"]
+  assert len(resumed) == len(runs) == 2
   for r, first in zip(resumed, runs):
     assert r["resumed_at"] == first["micro_steps"]
     for key in ("loss_curve", "mean_loss", "eval_loss_after"):

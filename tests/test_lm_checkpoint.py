@@ -103,6 +103,10 @@ def test_changed_configuration_or_unrequested_resume_is_refused(reference, tmp_p
   with pytest.raises(_checkpoints.CheckpointError,
                      match=r"max_len 256, this run asks for 240; .*learning_rate 0\.003, this run asks for 0\.001"):
     _run(changed, checkpoint_dir=tmp_path / "ckpt", resume=True)
+  # max_nonfinite may change on resume, but turning it on wraps the optimizer state.
+  guarded = lm.FinetuneConfig(**{**CONFIG.__dict__, "max_nonfinite": 3})
+  with pytest.raises(_checkpoints.CheckpointError, match="laid out differently"):
+    _run(guarded, checkpoint_dir=tmp_path / "ckpt", resume=True)
   with pytest.raises(_checkpoints.CheckpointError, match="already holds checkpoints.*--resume"):
     _run(checkpoint_dir=tmp_path / "ckpt")
   with pytest.raises(ValueError, match="checkpoint_every"):
@@ -151,6 +155,7 @@ def test_nonfinite_micro_batches_are_skipped_counted_and_stop_the_run(arm):
   assert int(result.opt_state.total_notfinite) == 2
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(result.params))
   assert np.isnan(result.losses[1]) and result.losses[0] == 1.0
+  assert lm.finite_mean(result.losses) == 1.0  # what the run record reports
   # The same skipped steps leave the parameters where three finite steps take them.
   clean = lm.train(params, tx.init(params), _fake_batches(3), grad_fn=_nan_at(set()),
                    update_fn=_update_fn(tx), progress=False)

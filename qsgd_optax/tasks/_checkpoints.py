@@ -31,6 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+
 __all__ = ["CheckpointError", "RunCheckpoints", "run_directory"]
 
 IDENTITY_FILE = "run_identity.json"
@@ -108,11 +110,15 @@ class RunCheckpoints:
     # Steps after the one resumed (or any, on a fresh start) are incomplete saves: drop them,
     # so that this run can write those step numbers again.
     stale = [s for s in self._manager.all_steps() if self.latest is None or s > self.latest]
-    for s in stale:
-      shutil.rmtree(self._step_dir(s))
+    if jax.process_index() == 0:  # one writer when several processes share the directory
+      for s in stale:
+        shutil.rmtree(self._step_dir(s))
+      _write_json_atomically(identity_file, identity)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"qsgd_optax checkpoints {self.directory}")
     if stale:
       self._manager.reload()
-    _write_json_atomically(identity_file, identity)
 
   def _step_dir(self, step: int) -> Path:
     return self.directory / str(step)  # Orbax's default step name format
@@ -127,16 +133,33 @@ class RunCheckpoints:
         state=ocp.args.StandardSave(tree), progress=ocp.args.JsonSave(dict(progress))), force=True)
     self._manager.wait_until_finished()
 
-  def restore(self, target: Any) -> tuple[Any, dict[str, Any]]:
-    """The latest complete checkpoint: ``(tree, progress)``.
-
-    ``tree`` takes the structure, shapes, dtypes and shardings of ``target``.
-    """
+  def progress(self) -> dict[str, Any]:
+    """The progress record of the latest complete checkpoint (no arrays read)."""
     if self.latest is None:
       raise CheckpointError(f"{self.directory} holds no complete checkpoint")
     ocp = self._ocp
     restored = self._manager.restore(self.latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()))
+        progress=ocp.args.JsonRestore()))
+    return dict(restored.progress)
+
+  def restore(self, target: Any) -> tuple[Any, dict[str, Any]]:
+    """The latest complete checkpoint: ``(tree, progress)``.
+
+    ``tree`` takes the structure, shapes, dtypes and shardings of ``target``.
+
+    Raises:
+      CheckpointError: when the saved arrays do not fit ``target``.
+    """
+    if self.latest is None:
+      raise CheckpointError(f"{self.directory} holds no complete checkpoint")
+    ocp = self._ocp
+    try:
+      restored = self._manager.restore(self.latest, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()))
+    except ValueError as e:  # Orbax's structure / shape mismatch
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointError(f"cannot resume from {self.directory}: the saved arrays do not fit "
+                            f"this run's state ({first})") from e
     return restored.state, dict(restored.progress)
 
   def close(self) -> None:

@@ -420,12 +420,12 @@ def train_and_evaluate(
   if checkpoint_dir is not None:
     checkpoints = RunCheckpoints(checkpoint_path(checkpoint_dir, arm, seed), _identity(config, arm, seed, data),
                                  keep=keep, resume=resume)
-    if checkpoints.latest is not None:
+  try:  # the checkpoint manager is closed on every way out
+    if checkpoints is not None and checkpoints.latest is not None:
       tree, saved = checkpoints.restore(nnx.to_pure_dict(state))
       nnx.replace_by_pure_dict(state, tree)
       first_epoch, first_position, global_step = saved["epoch"], saved["position"], saved["step"]
       if first_epoch > config.epochs or (first_epoch == config.epochs and first_position):
-        checkpoints.close()
         raise CheckpointError(
             f"cannot resume from {checkpoints.directory}: its latest checkpoint is past epoch {config.epochs}, "
             "the end of this run")
@@ -433,10 +433,14 @@ def train_and_evaluate(
       history = {k: list(v) for k, v in saved["history"].items()}
       nnx.update((model, optimizer, metrics), state)
 
-  compile_start = time.perf_counter()
-  step = train_step.lower(graphdef, state, jax.ShapeDtypeStruct(batch_shape, jnp.int32),
-                           jax.ShapeDtypeStruct(batch_shape[:1], jnp.int32)).compile()
-  compile_time = time.perf_counter() - compile_start
+    compile_start = time.perf_counter()
+    step = train_step.lower(graphdef, state, jax.ShapeDtypeStruct(batch_shape, jnp.int32),
+                             jax.ShapeDtypeStruct(batch_shape[:1], jnp.int32)).compile()
+    compile_time = time.perf_counter() - compile_start
+  except BaseException:
+    if checkpoints is not None:
+      checkpoints.close()
+    raise
 
   def progress_record(epoch: int, position: int, rng_state: Mapping[str, Any]) -> dict[str, Any]:
     return {"step": global_step, "epoch": epoch, "position": position, "order_rng": rng_state,

@@ -71,6 +71,7 @@ __all__ = [
     "make_mesh",
     "make_optimizer",
     "make_schedule",
+    "finite_mean",
     "make_update_fn",
     "nonfinite_in_a_row",
     "pack_examples",
@@ -576,8 +577,14 @@ def train(params: Any, opt_state: Any, batches: Sequence[Batch], *,
   compiles = [f for f in (grad_fn, update_fn) if isinstance(f, Compiled)]
   compile_before = sum(f.compile_seconds for f in compiles)
   smooth = None
+
+  def smoothed(loss: float) -> float | None:  # the bar's EMA; skipped (non-finite) losses leave it
+    if not math.isfinite(loss):
+      return smooth
+    return loss if smooth is None else ema * smooth + (1 - ema) * loss
+
   for loss in losses:
-    smooth = loss if smooth is None else ema * smooth + (1 - ema) * loss
+    smooth = smoothed(loss)
   loop_start, outside = time.perf_counter(), 0.0
 
   def elapsed() -> float:
@@ -592,9 +599,10 @@ def train(params: Any, opt_state: Any, batches: Sequence[Batch], *,
       loss = float(loss)
       losses.append(loss)
       tokens.append(int(np.count_nonzero(batch.segment_ids)))
-      smooth = loss if smooth is None else ema * smooth + (1 - ema) * loss
-      bar.set_postfix_str(
-          f"loss={smooth:.4f} tok/s={sum(tokens[start:]) / max(elapsed() - seconds, 1e-9):.0f}")
+      smooth = smoothed(loss)
+      shown = float("nan") if smooth is None else smooth
+      rate = sum(tokens[start:]) / max(elapsed() - seconds, 1e-9)
+      bar.set_postfix_str(f"loss={shown:.4f} tok/s={rate:.0f}")
       bar.update(1)
       if max_nonfinite is not None:
         in_a_row = nonfinite_in_a_row(opt_state)
@@ -603,7 +611,8 @@ def train(params: Any, opt_state: Any, batches: Sequence[Batch], *,
               f"{desc}: {in_a_row} micro-batches in a row with a non-finite gradient (up to "
               f"micro-batch {done}, max_nonfinite={max_nonfinite}); the parameters were left as "
               "they were before them. Lower the learning rate or quantum_weight, or use "
-              "modulate='update'.")
+              "modulate='update' (in a new checkpoint directory: a resumed run keeps its "
+              "configuration).")
       if on_step is not None:
         jax.block_until_ready(params)
         hook_start = time.perf_counter()
@@ -616,12 +625,30 @@ def train(params: Any, opt_state: Any, batches: Sequence[Batch], *,
 
 
 def smooth_curve(values: Sequence[float], weight: float = 0.9) -> list[float]:
-  """Bias-corrected exponential moving average (as TensorBoard draws it)."""
-  out, acc = [], 0.0
-  for i, v in enumerate(values):
-    acc = weight * acc + (1 - weight) * v
-    out.append(acc / (1 - weight ** (i + 1)))
+  """Bias-corrected exponential moving average (as TensorBoard draws it).
+
+  Non-finite values (skipped micro-batches) leave the average unchanged.
+
+  >>> [round(v, 3) for v in smooth_curve([1.0, float("nan"), 2.0], 0.5)]
+  [1.0, 1.0, 1.667]
+  """
+  out, acc, n = [], 0.0, 0
+  for v in values:
+    if math.isfinite(v):
+      acc = weight * acc + (1 - weight) * v
+      n += 1
+    out.append(acc / (1 - weight ** n) if n else float("nan"))
   return out
+
+
+def finite_mean(values: Sequence[float]) -> float:
+  """Mean of the finite values (NaN when there are none).
+
+  >>> finite_mean([1.0, float("nan"), 3.0])
+  2.0
+  """
+  finite = [v for v in values if math.isfinite(v)]
+  return float(np.mean(finite)) if finite else float("nan")
 
 
 def device_summary(mesh: Mesh | None) -> Mapping[str, Any]:
@@ -753,29 +780,41 @@ def _load_model(config: FinetuneConfig) -> tuple[Any, Any, Callable[[int], Any]]
   return graphdef, tokenizer, init
 
 
-# What a resumed run may change: where files are cached and how evaluation
-# is batched (neither shapes the training trajectory).
-_NOT_IDENTITY = ("cache", "eval_rows")
+# What a resumed run may change: where files are cached, how evaluation is
+# batched and how many non-finite micro-batches in a row stop it (none of
+# them shapes the trajectory; whether apply_if_finite wraps the optimizer at
+# all shows in the state's layout, which is checked on restore).
+_NOT_IDENTITY = ("cache", "eval_rows", "max_nonfinite")
 
 
 def _state_tree(params: Any, opt_state: Any) -> dict[str, Any]:
   """Parameters and optimizer state as one flat dict for Orbax.
 
   Optax states hold namedtuples and empty nodes; numbering the leaves keeps
-  the checkpoint independent of how Orbax would name them. The structure is
-  the one ``(params, opt_state)`` of this configuration always has (the run
-  identity checks the configuration).
+  the checkpoint independent of how Orbax would name them. The leaves' key
+  paths are saved with the progress record and compared on restore.
   """
   leaves = jax.tree.leaves((params, opt_state))
   return {f"{i:06d}": leaf for i, leaf in enumerate(leaves)}
 
 
-def _from_state_tree(tree: Mapping[str, Any], like: Any) -> Any:
-  treedef = jax.tree.structure(like)
-  if len(tree) != treedef.num_leaves:
+def _state_paths(params: Any, opt_state: Any) -> list[str]:
+  return [jax.tree_util.keystr(path)
+          for path, _ in jax.tree_util.tree_flatten_with_path((params, opt_state))[0]]
+
+
+def _check_state_paths(progress: Mapping[str, Any], like: Any, directory: Any) -> None:
+  """Refuses a checkpoint whose saved leaf paths differ from ``like``'s."""
+  paths = _state_paths(*like)
+  saved = progress.get("state_paths") or []
+  if saved != paths:
+    missing = sorted(set(paths) - set(saved))[:3]
+    extra = sorted(set(saved) - set(paths))[:3]
     raise _checkpoints.CheckpointError(
-        f"the checkpoint holds {len(tree)} arrays, this run's state has {treedef.num_leaves}")
-  return jax.tree.unflatten(treedef, [tree[k] for k in sorted(tree)])
+        f"cannot resume from {directory}: its optimizer state is laid out differently "
+        f"(another optax or qsgd_optax version, or max_nonfinite on/off): this run has "
+        f"{len(paths)} arrays, the checkpoint {len(saved)}; e.g. missing {missing}, "
+        f"unexpected {extra}")
 
 
 def run_finetune(config: FinetuneConfig, arms: Sequence[_common.Arm],
@@ -920,27 +959,30 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[_common.Arm],
       checkpoints = _checkpoints.RunCheckpoints(
           _checkpoints.run_directory(checkpoint_dir, arm.label, seed), identity,
           keep=keep, resume=resume)
-      if checkpoints.latest is not None:
-        tree, prior = checkpoints.restore(_state_tree(params, opt_state))
-        params, opt_state = _from_state_tree(tree, (params, opt_state))
-        log(f"{arm.label} seed={seed}: resumed at micro-batch {prior['micro_step']} "
-            f"of {len(batches)} from {checkpoints.directory}")
     every = None if checkpoint_every is None else checkpoint_every * config.grad_accum
 
     def after_step(done, params, opt_state, losses, tokens, seconds):
       if checkpoints is not None and (done == len(batches) or (every and done % every == 0)):
         checkpoints.save(done, _state_tree(params, opt_state),
-                         {"micro_step": done, "optimizer_step": done // config.grad_accum,
-                          "losses": losses, "tokens": tokens, "seconds": seconds})
+                         {"micro_step": done, "losses": losses, "tokens": tokens,
+                          "seconds": seconds, "state_paths": _state_paths(params, opt_state)})
       if on_step is not None:
         on_step(done)
 
     try:
+      if checkpoints is not None and checkpoints.latest is not None:
+        _check_state_paths(checkpoints.progress(), (params, opt_state), checkpoints.directory)
+        tree, prior = checkpoints.restore(_state_tree(params, opt_state))
+        params, opt_state = jax.tree.unflatten(jax.tree.structure((params, opt_state)),
+                                               [tree[k] for k in sorted(tree)])
+        log(f"{arm.label} seed={seed}: resumed at micro-batch {prior['micro_step']} "
+            f"of {len(batches)} from {checkpoints.directory}")
       result = train(params, opt_state, batches, grad_fn=grad_fn,
                      update_fn=update_fn, mesh=mesh, progress=progress,
                      desc=f"{arm.label} seed={seed}", start=prior["micro_step"],
                      losses=prior["losses"], tokens=prior["tokens"],
-                     seconds=prior["seconds"], on_step=after_step,
+                     seconds=prior["seconds"],
+                     on_step=after_step if checkpoints is not None or on_step is not None else None,
                      max_nonfinite=config.max_nonfinite)
     finally:
       if checkpoints is not None:
@@ -948,9 +990,9 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[_common.Arm],
     after = evaluate(eval_fn, result.params, eval_batches, mesh)
     losses = result.losses
     tail = losses[-max(1, len(losses) // 10):]
-    record = {
-        "final_loss": float(np.mean(tail)),
-        "mean_loss": float(np.mean(losses)),
+    record = {  # skipped (non-finite) micro-batches are left out of the means
+        "final_loss": finite_mean(tail),
+        "mean_loss": finite_mean(losses),
         "eval_loss_before": eval_before[key],
         "eval_loss_after": after,
         "steps": total_steps,
