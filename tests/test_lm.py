@@ -301,6 +301,29 @@ SHARDED_SCRIPT = textwrap.dedent("""
         losses.append(float(loss))
       return params, opt, losses
 
+    def checkpoint_round_trip(params, opt):
+      # Save the sharded state with Orbax, restore it onto zeros of the same
+      # shardings: values and shardings must come back exactly.
+      import tempfile
+      from qsgd_optax.tasks import _checkpoints
+      saved = lm._state_tree(params, opt)
+      target = {k: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding)
+                for k, x in saved.items()}
+      directory = tempfile.mkdtemp()
+      ck = _checkpoints.RunCheckpoints(directory, {"run": 1}, keep=1, resume=False)
+      ck.save(1, saved, {"done": 1})
+      ck.close()
+      ck = _checkpoints.RunCheckpoints(directory, {"run": 1}, keep=1, resume=True)
+      tree, progress = ck.restore(target)
+      ck.close()
+      return {
+          "ckpt_equal": all(np.array_equal(np.asarray(saved[k]), np.asarray(tree[k]))
+                            for k in saved),
+          "ckpt_same_sharding": all(tree[k].sharding == saved[k].sharding for k in saved),
+          "ckpt_sharded": sum("fsdp" in str(tree[k].sharding.spec) for k in saved),
+          "ckpt_progress": progress,
+      }
+
     mesh = lm.make_mesh(2, 4)
     out = {}
     for label in sys.argv[1:]:
@@ -328,6 +351,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
           "n_leaves": len(leaves),
           "sharded_state_leaves": sum(
               "fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(o8)),
+          **checkpoint_round_trip(p8, o8),
       }
     print("RESULT", json.dumps(out))
     """)
@@ -361,3 +385,7 @@ def test_sharded_train_step_matches_single_device(tmp_path):
     assert r["mu_shard_shape"] == r["q_shard_shape"]
     assert r["n_sharded"] >= r["n_leaves"] // 2
     assert r["sharded_state_leaves"] >= 2 * r["n_sharded"]  # mu and nu
+    # Orbax round trip of the sharded params and optimizer state.
+    assert r["ckpt_equal"] and r["ckpt_same_sharding"], label
+    assert r["ckpt_sharded"] == r["n_sharded"] + r["sharded_state_leaves"]
+    assert r["ckpt_progress"] == {"done": 1}
