@@ -76,8 +76,17 @@ def test_classification_bad_arguments(bad, what, capsys):
   assert what in err and "usage:" in err
 
 
+def test_finetune_lm_mesh_must_match_the_devices(capsys):
+  import jax  # pylint: disable=import-outside-toplevel
+  n = jax.device_count()  # 1, or 8 when another test module forced 8 CPU devices
+  with pytest.raises(SystemExit) as exit_info:
+    _main("finetune_lm.py")(["--mesh", f"data={n + 1},fsdp=1"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert f"data*fsdp = {n + 1} does not match the {n} available devices" in err and "usage:" in err
+
+
 @pytest.mark.parametrize("bad, what", [
-    (["--mesh", "data=3,fsdp=1"], "does not match the 1 available devices"),
     (["--mesh", "data=x"], "--mesh"),
     (["--examples", "-1"], "--examples"),
     (["--checkpoint-every", "2"], "needs --out DIR"),
