@@ -140,23 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--cache", default=None, metavar="DIR",
                       help="download cache (default: $QSGD_OPTAX_CACHE or "
                            "~/.cache/qsgd_optax)")
-  parser.add_argument("--checkpoint-every", type=_common.int_arg(1),
-                      default=None, metavar="N",
-                      help="Orbax checkpoint every N optimizer steps and at "
-                           "the end of each run, under DIR/checkpoints (needs "
-                           "--out DIR; default: no checkpoints unless --resume)")
-  parser.add_argument("--keep", type=_common.int_arg(1), default=3,
-                      metavar="N",
-                      help="checkpoints kept per run (default: %(default)s)")
-  parser.add_argument("--resume", action="store_true",
-                      help="continue every run from its latest complete "
-                           "checkpoint under DIR/checkpoints (needs --out DIR)")
-  parser.add_argument("--max-nonfinite", type=_common.int_arg(1),
-                      default=None, metavar="N",
-                      help="skip micro-batches with a non-finite gradient "
-                           "(optax.apply_if_finite), count them in "
-                           "summary.json (nonfinite_steps) and stop after N "
-                           "in a row (default: off)")
+  _common.add_long_run_args(parser, skipped="micro-batches")
   return parser
 
 

@@ -82,18 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="test accuracy that epochs_to_target waits for (default: %(default)s)")
   parser.add_argument("--weight-decay", type=float, default=0.0,
                       help="decoupled weight decay (default: %(default)s)")
-  parser.add_argument("--checkpoint-every", type=_common.int_arg(1), default=None, metavar="N",
-                      help="checkpoint every N optimizer steps and after every epoch, under DIR/checkpoints "
-                           "(default: no checkpoints unless --resume)")
-  parser.add_argument("--keep", type=_common.int_arg(1), default=3, metavar="N",
-                      help="checkpoints kept per run (default: %(default)s)")
-  parser.add_argument("--resume", action="store_true",
-                      help="continue every run from its latest complete checkpoint under DIR/checkpoints "
-                           "(and checkpoint after every epoch)")
-  parser.add_argument("--max-nonfinite", type=_common.int_arg(1), default=None, metavar="N",
-                      help="skip optimizer steps with a non-finite gradient (optax.apply_if_finite), "
-                           "count them in summary.json (nonfinite_steps) and stop after N in a row "
-                           "(default: off)")
+  _common.add_long_run_args(parser)
   # None marks "not given", so --smoke can fill in its own values.
   parser.set_defaults(optimizers=None, seeds=None)
   return parser

@@ -62,6 +62,7 @@ __all__ = [
     "OPTIMIZERS",
     "SCOPES",
     "add_common_args",
+    "add_long_run_args",
     "format_table",
     "group_runs",
     "int_arg",
@@ -351,6 +352,25 @@ def add_common_args(
       help="a tiny configuration that finishes in well under a minute on a 2-core CPU")
   parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
   return parser
+
+
+def add_long_run_args(parser: argparse.ArgumentParser, *, skipped: str = "optimizer steps") -> None:
+  """Adds the examples' ``--checkpoint-every``, ``--keep``, ``--resume`` and ``--max-nonfinite``.
+
+  ``skipped`` names what a non-finite gradient skips (steps or micro-batches).
+  """
+  parser.add_argument("--checkpoint-every", type=int_arg(1), default=None, metavar="N",
+                      help="Orbax checkpoint every N optimizer steps and at the end of every epoch "
+                           "or run, under DIR/checkpoints (default: no checkpoints unless --resume)")
+  parser.add_argument("--keep", type=int_arg(1), default=3, metavar="N",
+                      help="checkpoints kept per run (default: %(default)s)")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue every run from its latest complete checkpoint under "
+                           "DIR/checkpoints")
+  parser.add_argument("--max-nonfinite", type=int_arg(1), default=None, metavar="N",
+                      help=f"skip {skipped} with a non-finite gradient (optax.apply_if_finite), "
+                           "count them in summary.json (nonfinite_steps) and stop after N in a "
+                           "row (default: off)")
 
 
 def progress_bar(
