@@ -2,18 +2,15 @@
 
 The superposition step is a PennyLane QNode run through PennyLane's JAX
 interface, so it is traced into the same XLA program as the train step.
+The optimizers are :func:`qsgd`, :func:`scale_by_qsgd` and :func:`superpose`;
+the circuit helpers live in :mod:`qsgd_optax.circuits`.
 """
 
+import warnings as _warnings
 from importlib import metadata as _metadata
 
+from qsgd_optax import circuits as circuits
 from qsgd_optax._alias import qsgd as qsgd
-from qsgd_optax._circuits import CIRCUIT_NAMES as CIRCUIT_NAMES
-from qsgd_optax._circuits import make_qnode as make_qnode
-from qsgd_optax._circuits import MAX_QNODE_QUBITS as MAX_QNODE_QUBITS
-from qsgd_optax._circuits import resolve_circuit as resolve_circuit
-from qsgd_optax._scope import SCOPE_NAMES as SCOPE_NAMES
-from qsgd_optax._scope import selected_mask as selected_mask
-from qsgd_optax._transform import MODULATE_NAMES as MODULATE_NAMES
 from qsgd_optax._transform import scale_by_qsgd as scale_by_qsgd
 from qsgd_optax._transform import superpose as superpose
 
@@ -23,14 +20,29 @@ except _metadata.PackageNotFoundError:  # running from a source tree
   __version__ = "0.0.0+local"
 
 __all__ = (
-    "CIRCUIT_NAMES",
-    "MAX_QNODE_QUBITS",
-    "MODULATE_NAMES",
-    "SCOPE_NAMES",
-    "make_qnode",
+    "circuits",
     "qsgd",
-    "resolve_circuit",
     "scale_by_qsgd",
-    "selected_mask",
     "superpose",
 )
+
+# Names that lived at the top level before 0.2.0, now in qsgd_optax.circuits.
+# make_qnode is not forwarded: it now returns a circuit (signs applied), not
+# the raw QNode, so old code must be changed rather than silently re-read.
+_MOVED = ("CIRCUIT_NAMES", "MAX_QNODE_QUBITS", "MODULATE_NAMES",
+          "SCOPE_NAMES", "resolve_circuit", "selected_mask")
+
+
+def __getattr__(name):
+  if name in _MOVED:
+    _warnings.warn(
+        f"qsgd_optax.{name} moved to qsgd_optax.circuits.{name} in 0.2.0; "
+        "the top-level name will be removed.",
+        DeprecationWarning, stacklevel=2)
+    return getattr(circuits, name)
+  if name == "make_qnode":
+    raise AttributeError(
+        "qsgd_optax.make_qnode moved to qsgd_optax.circuits.make_qnode in "
+        "0.2.0 and now returns a circuit= callable (signs applied); the raw "
+        "QNode is its .qnode attribute.")
+  raise AttributeError(f"module 'qsgd_optax' has no attribute {name!r}")

@@ -94,7 +94,6 @@ def qsgd(
 
   Examples:
     >>> import jax
-    >>> import jax
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import qsgd_optax

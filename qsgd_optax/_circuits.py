@@ -23,13 +23,24 @@ Three circuits are built in:
   register interfere. This is an extension, not in the paper.
 
 ``"sine"``
-  The closed form ``sin(pi * theta)`` (:func:`sinpi`), no PennyLane. It must agree with
-  ``"paper"`` to float tolerance (the test suite proves it) and is the oracle
-  the QNode is tested against. It is elementwise, so scope ``"all"`` needs no
-  registers at all.
+  The closed form ``sin(pi * theta)`` (:func:`sinpi`), no PennyLane. It must
+  agree with ``"paper"`` to float tolerance (the test suite proves it) and is
+  the oracle the QNode is tested against. It is elementwise, so scope
+  ``"all"`` needs no registers at all.
 
 Any callable with the signature above is accepted too (for example a user's
-own QNode); its output shape is checked once, at construction.
+own QNode); its output shape is checked once per callable and register size.
+
+Both gates take the angle ``pi * y`` with ``y = theta - 2 * round(theta / 2)``
+in ``[-1, 1]``: the rotations are ``4 pi``-periodic up to a global phase, so
+every readout is 2-periodic in ``theta``, and the reduction is exact in
+floating point. The angle is then accurate at any ``|theta|``.
+
+The QNodes run in the parameters' precision (float32, or float64 when
+``jax_enable_x64`` is on and the parameters are float64). Built-in QNodes
+are built once per ``(readout, n_qubits)`` and reused, so factories that are
+called again and again (``optax.inject_hyperparams`` calls its factory on
+every update) neither rebuild nor retrace the circuit.
 """
 
 from __future__ import annotations
@@ -37,7 +48,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -46,21 +59,57 @@ import jax.numpy as jnp
 import numpy as np
 
 CIRCUIT_NAMES = ("paper", "entangled", "sine")
+READOUT_NAMES = ("paper", "entangled")
 
 # Largest register simulated as a statevector by the built-in QNodes. Each
-# register holds 2**n complex64 amplitudes; scope "all" evaluates one register
+# register holds 2**n complex amplitudes; scope "all" evaluates one register
 # per n coordinates, so the simulation costs 2**n / n amplitudes per parameter.
 MAX_QNODE_QUBITS = 12
+
+# Registers are simulated in chunks of at most this many amplitudes
+# (2**20 complex64 amplitudes = 8 MiB per statevector), so scope "all" on a
+# large leaf needs temporaries of a few chunks, not of the whole leaf.
+MAX_CHUNK_AMPLITUDES = 2**20
 
 Circuit = Callable[[jax.Array], jax.Array]
 
 
+def check_n_qubits(n_qubits: Any) -> int:
+  """Returns ``n_qubits`` as an int, or raises a ValueError naming it."""
+  if isinstance(n_qubits, (bool, np.bool_)) or not isinstance(
+      n_qubits, numbers.Integral
+  ):
+    raise ValueError(
+        f"n_qubits must be a Python int >= 1, got {n_qubits!r} "
+        f"({type(n_qubits).__name__})."
+    )
+  if n_qubits < 1:
+    raise ValueError(f"n_qubits must be a Python int >= 1, got {n_qubits}.")
+  return int(n_qubits)
+
+
+def _real_dtype(theta: jax.Array, name: str = "theta"):
+  dtype = jnp.result_type(theta)
+  if not (jnp.issubdtype(dtype, jnp.floating)
+          or jnp.issubdtype(dtype, jnp.integer)):
+    raise ValueError(
+        f"{name} must be a real (floating-point or integer) array, got dtype "
+        f"{dtype}."
+    )
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def chunk_registers(n_qubits: int) -> int:
+  """How many registers of ``n_qubits`` one circuit call evaluates at most."""
+  return max(1, MAX_CHUNK_AMPLITUDES >> n_qubits)
+
+
 @dataclasses.dataclass(frozen=True)
 class Modulator:
-  """A resolved circuit: what computes ``M`` for a batch of registers.
+  """A resolved circuit: what computes ``M`` for registers of any batch shape.
 
   Attributes:
-    fn: ``float32[B, n_qubits] -> float32[B, n_qubits]``.
+    fn: the circuit, ``float[B, n_qubits] -> float[B, n_qubits]``.
     n_qubits: the register size.
     name: ``"paper"``, ``"entangled"``, ``"sine"`` or ``"callable"``.
     elementwise: True when ``M_i`` depends on ``theta_i`` alone and ``fn`` may
@@ -68,27 +117,41 @@ class Modulator:
       ``"all"`` needs no register reshaping.
   """
 
-  fn: Callable[[jax.Array], jax.Array]
+  fn: Circuit
   n_qubits: int
   name: str
   elementwise: bool = False
 
   def __call__(self, theta: jax.Array) -> jax.Array:
-    """Evaluates the modulation on ``theta: float[..., n_qubits]``."""
+    """Evaluates the modulation on ``theta: float[..., n_qubits]``.
+
+    Returns an array of ``theta``'s shape in
+    ``promote_types(theta.dtype, float32)``. Large batches are evaluated in
+    chunks of :func:`chunk_registers` registers (one ``lax.map`` step each),
+    which bounds the statevector temporaries.
+    """
     theta = jnp.asarray(theta)
-    if theta.shape[-1] != self.n_qubits:
+    if theta.ndim == 0 or theta.shape[-1] != self.n_qubits:
       raise ValueError(
           f"theta must have a last axis of size n_qubits={self.n_qubits}, "
           f"got shape {theta.shape}."
       )
-    dtype = jnp.promote_types(theta.dtype, jnp.float32)
+    dtype = _real_dtype(theta)
     theta = theta.astype(dtype)
     if self.elementwise:
       return self.fn(theta).astype(dtype)
-    flat = theta.reshape((-1, self.n_qubits))
-    if flat.shape[0] == 0:
+    batch = math.prod(theta.shape[:-1])
+    if batch == 0:
       return jnp.zeros(theta.shape, dtype)
-    out = self.fn(flat)
+    flat = theta.reshape((batch, self.n_qubits))
+    chunk = chunk_registers(self.n_qubits)
+    if batch <= chunk:
+      out = self.fn(flat)
+    else:
+      count = -(-batch // chunk)
+      padded = jnp.pad(flat, ((0, count * chunk - batch), (0, 0)))
+      out = jax.lax.map(self.fn, padded.reshape(count, chunk, self.n_qubits))
+      out = out.reshape(count * chunk, self.n_qubits)[:batch]
     return out.reshape(theta.shape).astype(dtype)
 
 
@@ -97,20 +160,38 @@ class Modulator:
 _SIN_COEFFS = tuple((-1.0) ** j / math.factorial(2 * j + 1) for j in range(7))
 
 
+def reduce_period2(theta: jax.Array) -> jax.Array:
+  """``theta - 2 * round(theta / 2)``: the same point of a 2-periodic function.
+
+  The result lies in ``[-1, 1]`` and is exact in floating point (the
+  subtraction of two nearby floats is exact), so ``pi`` times it is an
+  accurate angle at any ``|theta|``.
+  """
+  return theta - 2 * jnp.round(0.5 * theta)
+
+
 def sinpi(theta: jax.Array) -> jax.Array:
   """``sin(pi * theta)`` with exact argument reduction.
 
-  ``theta`` is reduced to ``[-1/2, 1/2]`` in its own units (no rounding of
-  ``pi * theta``), then a degree-13 odd polynomial is evaluated. Against a
-  float64 ``numpy.sin(numpy.pi * theta)`` it is within 1.4e-7 in float32
-  (``jnp.sin(jnp.pi * theta)``: 2.9e-6), and it is a few multiply-adds, so
-  XLA:CPU vectorises it inside the optimizer's fused loop (3.6x faster than
-  ``jnp.sin`` on 8M entries).
+  ``theta`` (a real array; integers are promoted to float32) is reduced to
+  ``[-1/2, 1/2]`` in its own units (no rounding of ``pi * theta``), then a
+  degree-13 odd polynomial is evaluated: a few multiply-adds that XLA fuses
+  into the optimizer's elementwise loop (float64 input: ``jnp.sin`` of the
+  reduced angle). Accuracy against the float64 closed
+  form is within float32 resolution (``tests/test_circuits.py``); numbers in
+  ``bench/RESULTS.md``.
+
+  Raises:
+    ValueError: for complex or boolean ``theta``.
   """
-  y = theta - 2 * jnp.round(0.5 * theta)  # [-1, 1], same sine
+  theta = jnp.asarray(theta)
+  theta = theta.astype(_real_dtype(theta))
+  y = reduce_period2(theta)  # [-1, 1], same sine
   a = jnp.abs(y)
   z = jnp.copysign(jnp.where(a > 0.5, 1 - a, a), y)  # sin(pi(1-a)) = sin(pi a)
   t = jnp.pi * z
+  if jnp.finfo(t.dtype).bits > 32:  # the polynomial is float32-accurate only
+    return jnp.sin(t)
   t2 = t * t
   poly = jnp.asarray(_SIN_COEFFS[-1], t.dtype)
   for c in reversed(_SIN_COEFFS[:-1]):
@@ -122,9 +203,9 @@ def _sine(theta: jax.Array) -> jax.Array:
   return sinpi(theta)
 
 
-# PennyLane 0.45 supports jax 0.7; on the pinned jax 0.10 its JAX interface
-# works but warns. Both warnings below are expected and harmless, and are
-# ignored only around our own QNode calls:
+# PennyLane 0.45 supports jax 0.7; on newer jax its JAX interface works but
+# warns. Both warnings below are expected and harmless, and are ignored only
+# around our own QNode calls:
 #  * jax deprecations touched inside PennyLane's jax interface;
 #  * the statevector is requested as complex128 and JAX (x64 off) keeps it
 #    complex64, which is the precision we want on accelerators.
@@ -145,30 +226,100 @@ def _quietly(fn: Callable[..., Any]) -> Callable[..., Any]:
   return wrapped
 
 
-def make_qnode(n_qubits: int, readout: str = "paper"):
-  """Builds the paper's circuit as a PennyLane QNode on ``n_qubits`` wires.
+@dataclasses.dataclass(frozen=True, eq=False)
+class QNodeCircuit:
+  """The paper's circuit as a ``circuit=`` callable around a PennyLane QNode.
+
+  Calling it maps ``theta: float[B, n_qubits]`` to the signed readouts
+  ``float[B, n_qubits]`` (``sin(pi * theta)`` for the ``"paper"`` readout),
+  in ``theta``'s precision (at least float32), jitted and traced into any
+  enclosing XLA program.
+
+  Attributes:
+    qnode: the underlying QNode (``default.qubit``, ``interface="jax"``,
+      ``diff_method="backprop"``); it takes the reduced ``theta`` and returns
+      the raw expectation values, one ``float[B]`` per wire, before the sign.
+    n_qubits: the number of wires.
+    readout: ``"paper"`` or ``"entangled"``.
+  """
+
+  qnode: Any
+  n_qubits: int
+  readout: str
+  _fn: Callable[[jax.Array], jax.Array] = dataclasses.field(repr=False)
+
+  def __call__(self, theta: jax.Array) -> jax.Array:
+    theta = jnp.asarray(theta)
+    if theta.ndim != 2 or theta.shape[-1] != self.n_qubits:
+      raise ValueError(
+          f"theta must have shape (batch, n_qubits={self.n_qubits}), got "
+          f"shape {theta.shape}."
+      )
+    _real_dtype(theta)
+    return self._fn(theta)
+
+
+def _check_readout(readout: Any) -> str:
+  if not isinstance(readout, str) or readout not in READOUT_NAMES:
+    raise ValueError(f"readout must be one of {READOUT_NAMES}, got {readout!r}.")
+  return readout
+
+
+def _check_qnode_qubits(n_qubits: Any, what: str) -> int:
+  n_qubits = check_n_qubits(n_qubits)
+  if n_qubits > MAX_QNODE_QUBITS:
+    raise ValueError(
+        f"n_qubits must be at most {MAX_QNODE_QUBITS} for the {what} "
+        f"(a statevector of 2**n_qubits amplitudes per register), got "
+        f"{n_qubits}. Use circuit='sine' for larger registers."
+    )
+  return n_qubits
+
+
+def make_qnode(n_qubits: int, readout: str = "paper") -> QNodeCircuit:
+  """The paper's circuit as a PennyLane QNode, ready to pass as ``circuit=``.
+
+  On each qubit ``i``: Hadamard, ``RY(pi y_i)``, ``RZ(pi y_i)`` with
+  ``y = theta - 2 round(theta / 2)`` (the same rotations up to a global
+  phase); then ``CNOT(i, i + 1)`` for every ``i``. The result is cached: the
+  same ``(n_qubits, readout)`` returns the same object, so its jit cache
+  (one trace per batch shape) is shared by every optimizer that uses it.
 
   Args:
-    n_qubits: number of wires (register size).
-    readout: ``"paper"`` (``-<Z_{i-1} Z_i>``, equal to ``sin(pi*theta_i)``)
-      or ``"entangled"`` (``-<Z_i>`` after the CNOT ladder).
+    n_qubits: number of wires, a Python int in ``[1, MAX_QNODE_QUBITS]``.
+    readout: ``"paper"`` (``M_0 = -<Z_0>``, ``M_i = -<Z_{i-1} Z_i>``, equal
+      to ``sin(pi theta_i)``) or ``"entangled"`` (``M_i = -<Z_i>`` after the
+      ladder: signed running products of the sines).
 
   Returns:
-    A QNode ``qnode(theta)`` with ``theta: float[B, n_qubits]`` (PennyLane
-    parameter broadcasting over ``B``) returning a tuple of ``n_qubits``
-    expectation values of shape ``[B]``. The minus sign of the readout is
-    applied by :func:`resolve_circuit`, not here.
+    A :class:`QNodeCircuit`: ``float[B, n_qubits] -> float[B, n_qubits]``,
+    signs applied; ``.qnode`` is the PennyLane QNode itself.
+
+  Raises:
+    ValueError: ``n_qubits`` not an int in range, or an unknown readout.
+
+  Examples:
+    >>> import numpy as np
+    >>> import qsgd_optax
+    >>> circuit = qsgd_optax.circuits.make_qnode(2)
+    >>> print(np.round(circuit(np.array([[0.5, 1 / 6]], np.float32)), 4))
+    [[1.  0.5]]
+    >>> tx = qsgd_optax.qsgd(1e-3, n_qubits=2, circuit=circuit)
   """
+  return _qnode_circuit(_check_qnode_qubits(n_qubits, "paper circuit"),
+                        _check_readout(readout))
+
+
+@functools.lru_cache(maxsize=None)
+def _qnode_circuit(n_qubits: int, readout: str) -> QNodeCircuit:
   import pennylane as qml  # pylint: disable=g-import-not-at-top
 
-  if readout not in ("paper", "entangled"):
-    raise ValueError(f"readout must be 'paper' or 'entangled', got {readout!r}.")
   device = qml.device("default.qubit", wires=n_qubits)
 
   @qml.qnode(device, interface="jax", diff_method="backprop")
-  def qnode(theta):
+  def qnode(y):
     for i in range(n_qubits):
-      angle = jnp.pi * theta[..., i]
+      angle = jnp.pi * y[..., i]
       qml.Hadamard(wires=i)
       qml.RY(angle, wires=i)
       qml.RZ(angle, wires=i)
@@ -182,25 +333,33 @@ def make_qnode(n_qubits: int, readout: str = "paper"):
       observables = [qml.PauliZ(i) for i in range(n_qubits)]
     return tuple(qml.expval(o) for o in observables)
 
-  return qnode
+  quiet = _quietly(qnode)
 
-
-def _qnode_modulation(n_qubits: int, readout: str) -> Circuit:
-  qnode = _quietly(make_qnode(n_qubits, readout))
-
-  # jit caches the traced QNode per batch shape: leaves of equal shape (every
-  # layer of a transformer) trace the circuit once. Inside an outer jit the
-  # call is inlined into the same XLA program.
+  # jit caches the traced QNode per batch shape and dtype: leaves of equal
+  # shape trace the circuit once. Inside an outer jit the call is inlined.
   @jax.jit
   def fn(theta: jax.Array) -> jax.Array:
-    expvals = qnode(theta.astype(jnp.float32))
+    dtype = jnp.promote_types(theta.dtype, jnp.float32)
+    expvals = quiet(reduce_period2(theta.astype(dtype)))
     out = -jnp.stack([jnp.reshape(e, theta.shape[:1]) for e in expvals], -1)
-    return out.astype(theta.dtype)
+    return out.astype(dtype)
 
-  return fn
+  return QNodeCircuit(qnode, n_qubits, readout, fn)
+
+
+# Callables already checked, per register size: a factory re-called with the
+# same callable (inject_hyperparams) does not trace it again.
+_CHECKED_CALLABLES: "weakref.WeakKeyDictionary[Any, set[int]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _check_callable(fn: Callable[..., Any], n_qubits: int) -> None:
+  try:
+    if n_qubits in _CHECKED_CALLABLES.get(fn, ()):
+      return
+  except TypeError:  # not weak-referenceable or not hashable: check each time
+    pass
   probe = jax.ShapeDtypeStruct((3, n_qubits), jnp.float32)
   try:
     out = jax.eval_shape(fn, probe)
@@ -220,62 +379,61 @@ def _check_callable(fn: Callable[..., Any], n_qubits: int) -> None:
         f"float[B, n_qubits]; on float32[3, {n_qubits}] it returned "
         f"{out!r}, expected a float array of shape (3, {n_qubits})."
     )
+  try:
+    _CHECKED_CALLABLES.setdefault(fn, set()).add(n_qubits)
+  except TypeError:
+    pass
 
 
-def resolve_circuit(circuit: str | Circuit, n_qubits: int) -> Modulator:
-  """Turns the ``circuit`` argument into a :class:`Modulator`.
-
-  Args:
-    circuit: ``"paper"``, ``"entangled"``, ``"sine"`` or a callable mapping
-      ``float[B, n_qubits]`` to ``float[B, n_qubits]``.
-    n_qubits: the register size, already validated.
-
-  Returns:
-    The modulator. QNodes are built here, once.
-
-  Raises:
-    ValueError: unknown name, ``n_qubits`` above :data:`MAX_QNODE_QUBITS` for
-      a built-in QNode, or a callable whose output shape is wrong.
-  """
-  if isinstance(circuit, str):
-    if circuit == "sine":
-      return Modulator(_sine, n_qubits, "sine", elementwise=True)
-    if circuit in ("paper", "entangled"):
-      if n_qubits > MAX_QNODE_QUBITS:
-        raise ValueError(
-            f"n_qubits must be at most {MAX_QNODE_QUBITS} for the "
-            f"{circuit!r} circuit (a statevector of 2**n_qubits amplitudes "
-            f"per register), got {n_qubits}. Use circuit='sine' for larger "
-            "registers."
-        )
-      return Modulator(_qnode_modulation(n_qubits, circuit), n_qubits, circuit)
-    raise ValueError(
-        f"circuit must be one of {CIRCUIT_NAMES} or a callable "
-        f"float[B, n_qubits] -> float[B, n_qubits], got {circuit!r}."
-    )
-  if callable(circuit):
-    _check_callable(circuit, n_qubits)
-    return Modulator(circuit, n_qubits, "callable")
-  raise ValueError(
+def _unknown(circuit: Any) -> ValueError:
+  return ValueError(
       f"circuit must be one of {CIRCUIT_NAMES} or a callable "
       f"float[B, n_qubits] -> float[B, n_qubits], got {circuit!r}."
   )
 
 
-def sine_reference(theta: np.ndarray, readout: str = "paper") -> np.ndarray:
-  """NumPy closed form of the built-in circuits, for tests and docs.
+def resolve_circuit(circuit: str | Circuit, n_qubits: int) -> Modulator:
+  """Turns a ``circuit=`` argument into a :class:`Modulator`.
 
   Args:
-    theta: ``float[..., n]``.
-    readout: ``"paper"`` (``sin(pi*theta)``) or ``"entangled"`` (signed
-      running products of the sines along the last axis).
+    circuit: ``"paper"``, ``"entangled"``, ``"sine"`` or a callable mapping
+      ``float[B, n_qubits]`` to ``float[B, n_qubits]`` (for example the
+      result of :func:`make_qnode`).
+    n_qubits: the register size, a Python int >= 1.
 
   Returns:
-    ``float64[..., n]``.
+    The modulator, callable on ``float[..., n_qubits]``. Built-in QNodes are
+    built once per ``(circuit, n_qubits)`` and shared.
+
+  Raises:
+    ValueError: unknown name, ``n_qubits`` not an int >= 1 or above
+      :data:`MAX_QNODE_QUBITS` for a built-in QNode, or a callable whose
+      output shape is wrong.
+
+  Examples:
+    >>> import numpy as np
+    >>> import qsgd_optax
+    >>> m = qsgd_optax.circuits.resolve_circuit("sine", 2)
+    >>> print(np.round(np.asarray(m(np.array([[0.5, -0.5]], np.float32))), 6))
+    [[ 1. -1.]]
   """
-  s = np.sin(np.pi * np.asarray(theta, np.float64))
-  if readout == "paper":
-    return s
-  n = s.shape[-1]
-  signs = (-1.0) ** np.arange(n)
-  return signs * np.cumprod(s, axis=-1)
+  n_qubits = check_n_qubits(n_qubits)
+  if isinstance(circuit, str):
+    if circuit == "sine":
+      return Modulator(_sine, n_qubits, "sine", elementwise=True)
+    if circuit in READOUT_NAMES:
+      _check_qnode_qubits(n_qubits, f"{circuit!r} circuit")
+      return Modulator(_qnode_circuit(n_qubits, circuit), n_qubits, circuit)
+    raise _unknown(circuit)
+  if isinstance(circuit, QNodeCircuit):
+    if circuit.n_qubits != n_qubits:
+      raise ValueError(
+          f"circuit: this QNode circuit has {circuit.n_qubits} wires but "
+          f"n_qubits={n_qubits}; build it with make_qnode({n_qubits})."
+      )
+    return Modulator(circuit, n_qubits, circuit.readout)
+  if callable(circuit):
+    _check_callable(circuit, n_qubits)
+    return Modulator(circuit, n_qubits, "callable")
+  raise _unknown(circuit)
+

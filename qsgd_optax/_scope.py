@@ -14,19 +14,25 @@ Three scopes (see :func:`qsgd_optax.superpose`):
   every entry, in registers of ``n_qubits`` consecutive row-major entries per
   array (the last register of an array is padded with zeros).
 
-Only floating-point, non-empty leaves take part; integer leaves, empty arrays
-and ``None`` updates pass through unchanged.
+Only real floating-point, non-empty leaves take part; integer and complex
+leaves, empty arrays and ``None`` updates pass through unchanged (a complex
+leaf gets exactly ``inner``'s update: the paper's ``sin(pi * theta)`` has no
+complex reading).
 
-Performance: for ``"leaf"`` and ``"model"`` the circuit runs on a tiny batch
+Placement: for ``"leaf"`` and ``"model"`` the circuit runs on a tiny batch
 (one register per leaf, or one register in all), and the result is placed
-with an ``iota`` comparison and a small ``take`` inside the same elementwise
-expression as the update. XLA fuses that into the optimizer's single pass
-over memory; slicing, ``.at[].add``, ``pad`` or ``concatenate`` on the large
-arrays would not fuse and would cost extra passes.
+by an ``iota`` mask and a small zero-padded coefficient block that broadcast
+against the leaf inside the same elementwise expression as the update, so
+XLA fuses it into the optimizer's single pass over memory (slicing,
+``.at[].add``, ``pad`` or ``concatenate`` on the large arrays would cost
+extra passes). For ``"all"`` registers are evaluated in bounded chunks
+(:data:`qsgd_optax.circuits.MAX_CHUNK_AMPLITUDES`), per shard where the
+leaf is explicitly sharded.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -36,14 +42,17 @@ import numpy as np
 
 from qsgd_optax import _circuits
 
+P = jax.sharding.PartitionSpec
+
 SCOPE_NAMES = ("leaf", "model", "all")
 
 
 def _eligible(p, u) -> bool:
+  """Real floating-point, non-empty leaves take part; others pass through."""
   return (
       u is not None
       and p is not None
-      and jnp.issubdtype(jnp.result_type(p), jnp.inexact)
+      and jnp.issubdtype(jnp.result_type(p), jnp.floating)
       and math.prod(jnp.shape(p)) > 0
   )
 
@@ -59,31 +68,47 @@ def _split_dim(shape: Sequence[int], k: int) -> int:
   return d
 
 
-def _explicitly_sharded(x: jax.Array) -> bool:
-  """True for arrays whose type carries an explicit sharding on some dim."""
+def _explicit_sharding(x: jax.Array):
+  """``x``'s NamedSharding when its type shards some dim explicitly, else None.
+
+  The sharding is the one in ``x``'s type, on ``x``'s own (abstract) mesh:
+  every sharding built from it with ``.update(spec=...)`` is valid with or
+  without a ``jax.set_mesh`` context.
+  """
   try:
     sharding = jax.typeof(x).sharding
   except Exception:  # pylint: disable=broad-except
-    return False
+    return None
   spec = getattr(sharding, "spec", None)
   mesh = getattr(sharding, "mesh", None)
   if not spec or mesh is None or getattr(mesh, "empty", True):
-    return False
-  return any(s is not None for s in spec)
+    return None
+  if not any(s is not None for s in spec):
+    return None
+  return sharding
+
+
+def _axis_size(mesh, entry) -> int:
+  """Number of devices a PartitionSpec entry (None, a name, names) spans."""
+  if entry is None:
+    return 1
+  names = entry if isinstance(entry, tuple) else (entry,)
+  return math.prod(mesh.shape[name] for name in names)
 
 
 def head(x: jax.Array, k: int) -> jax.Array:
   """The first ``k`` row-major entries of ``x`` as a 1-D array (small slice).
 
   Under explicit sharding a static slice of a sharded dim is not allowed;
-  there the ``k`` entries are gathered into a replicated ``float[k]``
-  (``k`` elements move, never the leaf).
+  there the ``k`` entries are gathered into a ``float[k]`` replicated on
+  ``x``'s mesh (``k`` elements move, never the leaf).
   """
   shape = x.shape
-  if _explicitly_sharded(x):
+  sharding = _explicit_sharding(x)
+  if sharding is not None:
     index = np.unravel_index(np.arange(k), shape)
     return x.at[tuple(jnp.asarray(i, jnp.int32) for i in index)].get(
-        out_sharding=jax.sharding.PartitionSpec()
+        out_sharding=sharding.update(spec=P())
     )
   d = _split_dim(shape, k)
   if d == len(shape):  # scalar leaf
@@ -99,12 +124,13 @@ def placed_select(
 ) -> tuple[jax.Array | bool, jax.Array]:
   """``mask`` and ``coef`` putting ``r`` on the first ``len(r)`` entries.
 
-  ``r`` is first written into a small block shaped like the trailing dims
-  ``shape[d:]`` that hold the first ``k`` entries (``dynamic_update_slice``,
-  which XLA materialises once). ``mask`` compares iotas with 0 on the leading
-  dims. In ``where(mask, u + w * coef * x, u)`` XLA then fuses both into the
-  loop over ``u`` without materialising anything of size ``shape`` and
-  without re-running the circuit per entry.
+  ``coef`` is ``r`` zero-padded to a small block shaped like the trailing
+  dims ``shape[d:]`` that hold the first ``k`` entries; ``mask`` is true on
+  those ``k`` entries (iotas compared with 0 on the leading dims and with
+  ``k`` on the block). Both broadcast against the leaf, so the masked term
+  of :func:`_combine` fuses into the loop over the update without anything
+  of the leaf's size being materialised and without re-running the circuit
+  per entry.
 
   Args:
     shape: shape of the leaf.
@@ -119,9 +145,7 @@ def placed_select(
     return True, r[0]
   d = _split_dim(shape, k)
   suffix = shape[d:]
-  block = jax.lax.dynamic_update_slice(
-      jnp.zeros((math.prod(suffix),), r.dtype), r, (0,)
-  )
+  block = jnp.pad(r, (0, math.prod(suffix) - k))  # keeps r's sharding
   coef = block.reshape((1,) * d + suffix)
   in_head = jax.lax.broadcasted_iota(jnp.int32, (math.prod(suffix),), 0) < k
   mask = in_head.reshape((1,) * d + suffix)
@@ -134,11 +158,10 @@ def _combine(u, x, mask, coef, weight, multiplicative=False):
   """``u + where(mask, weight * coef * x, 0)``, in ``u``'s dtype.
 
   Written as an addition of a masked term (not ``where(mask, u + t, u)``):
-  XLA then keeps Adam's direction fused into the same loop. The select form
-  materialised the direction and ran 2.9x slower than optax.adamw on
-  8 x 1024 x 1024 params; this form runs within a few percent. With
-  ``multiplicative`` (``x`` is ``u`` itself, modulate="update") it is written
-  ``u * (1 + where(mask, weight * coef, 0))`` so that ``u`` is used once.
+  XLA then keeps Adam's direction fused into the same loop (the select form
+  materialises it; bench/RESULTS.md). With ``multiplicative`` (``x`` is ``u``
+  itself, modulate="update") it is ``u * (1 + where(mask, weight * coef,
+  0))``, so that ``u`` is used once.
   """
   dtype = jnp.promote_types(u.dtype, jnp.float32)
   if multiplicative:  # x is u: u * (1 + where(mask, w * coef, 0)), one use of u
@@ -152,27 +175,10 @@ def _combine(u, x, mask, coef, weight, multiplicative=False):
   return (u.astype(dtype) + jnp.where(mask, term, 0)).astype(u.dtype)
 
 
-def _registers_all(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
-  """Modulation of every entry of ``p``, registers of ``n`` row-major entries.
-
-  Under explicit sharding, a leaf whose last dim is unsharded and divisible
-  by ``n`` keeps its sharding; any other explicitly sharded leaf is gathered
-  for the register reshape and the result resharded back (documented cost).
-  """
+def _registers_local(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
+  """Modulation of every entry of an unsharded ``p`` (registers row-major)."""
   n = modulator.n_qubits
-  if modulator.elementwise:
-    return modulator.fn(p.astype(jnp.promote_types(p.dtype, jnp.float32)))
   shape = p.shape
-  if _explicitly_sharded(p):
-    P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
-    spec = tuple(jax.typeof(p).sharding.spec)
-    spec = spec + (None,) * (len(shape) - len(spec))
-    if shape and shape[-1] % n == 0 and spec[-1] is None:
-      regs = jax.lax.reshape(p, shape[:-1] + (shape[-1] // n, n),
-                             out_sharding=P(*spec, None))
-      return jax.lax.reshape(modulator(regs), shape, out_sharding=P(*spec))
-    full = jax.sharding.reshard(p, P())
-    return jax.sharding.reshard(_registers_all(full, modulator), P(*spec))
   if shape and shape[-1] % n == 0:
     regs = p.reshape(shape[:-1] + (shape[-1] // n, n))
     return modulator(regs).reshape(shape)
@@ -180,6 +186,40 @@ def _registers_all(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
   pad = (-size) % n
   regs = jnp.pad(p.reshape(-1), (0, pad)).reshape(-1, n)
   return modulator(regs).reshape(-1)[:size].reshape(shape)
+
+
+def _registers_all(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
+  """Modulation of every entry of ``p``, registers of ``n`` row-major entries.
+
+  Registers lie along the last dim when it is divisible by ``n``. Under
+  explicit sharding each device then simulates only the registers of its own
+  shard (``shard_map``), provided its part of the last dim is divisible by
+  ``n``; otherwise only the last dim is gathered. A leaf whose last dim is
+  not divisible by ``n`` has registers spanning rows: it is gathered whole
+  and the result resharded back (documented cost).
+  """
+  p = p.astype(jnp.promote_types(p.dtype, jnp.float32))
+  if modulator.elementwise:
+    return modulator.fn(p)
+  sharding = _explicit_sharding(p)
+  if sharding is None:
+    return _registers_local(p, modulator)
+  n = modulator.n_qubits
+  spec = tuple(sharding.spec) + (None,) * (p.ndim - len(sharding.spec))
+  if p.shape[-1] % n:
+    full = jax.sharding.reshard(p, sharding.update(spec=P()))
+    return jax.sharding.reshard(_registers_local(full, modulator), sharding)
+  local_spec = spec
+  if (p.shape[-1] // _axis_size(sharding.mesh, spec[-1])) % n:
+    local_spec = spec[:-1] + (None,)  # registers would straddle shards
+    p = jax.sharding.reshard(p, sharding.update(spec=P(*local_spec)))
+  out = jax.shard_map(
+      functools.partial(_registers_local, modulator=modulator),
+      mesh=sharding.mesh, in_specs=P(*local_spec), out_specs=P(*local_spec),
+  )(p)
+  if local_spec != spec:
+    out = jax.sharding.reshard(out, sharding)
+  return out
 
 
 def add_term(
@@ -193,6 +233,11 @@ def add_term(
 ):
   """Returns ``updates + weight * M(params) * x`` on the scope's coordinates.
 
+  The term is one jitted function per ``(modulator, scope, multiplicative)``:
+  inside an enclosing ``jit`` it is inlined into the same program; called
+  eagerly (as ``optax.inject_hyperparams`` users may) it is a single
+  dispatch, not one per operation.
+
   Args:
     updates: the base update tree (may hold ``None`` leaves).
     params: the parameters ``theta`` fed to the circuit.
@@ -203,87 +248,120 @@ def add_term(
     multiplicative: ``x`` is ``updates`` itself (modulate="update").
 
   Returns:
-    A tree like ``updates``, each leaf in its own dtype.
+    A tree like ``updates``, each leaf in its own dtype; leaves that take no
+    part are returned as they are.
   """
+  if scope not in SCOPE_NAMES:
+    raise ValueError(f"scope must be one of {SCOPE_NAMES}, got {scope!r}.")
   if isinstance(weight, (int, float)) and weight == 0:
     # A static zero weight is exactly the inner update: no circuit, and no
     # 0 * NaN where a parameter is not finite.
     return updates
-  n = modulator.n_qubits
   p_leaves, treedef = jax.tree.flatten(params, is_leaf=lambda v: v is None)
   u_leaves = treedef.flatten_up_to(updates)
   x_leaves = treedef.flatten_up_to(x)
-  ok = [_eligible(p, u) for p, u in zip(p_leaves, u_leaves)]
-  out = list(u_leaves)
-  ids = [i for i, e in enumerate(ok) if e]
+  ids = [i for i, (p, u) in enumerate(zip(p_leaves, u_leaves))
+         if _eligible(p, u)]
   if not ids:
-    return jax.tree.unflatten(treedef, out)
-  for i in ids:  # Python scalars (accepted by optax) become arrays
-    p_leaves[i], u_leaves[i] = jnp.asarray(p_leaves[i]), jnp.asarray(u_leaves[i])
-    if x_leaves[i] is not None:
-      x_leaves[i] = jnp.asarray(x_leaves[i])
+    return updates
+  # Python scalars (accepted by optax) become arrays.
+  ps = [jnp.asarray(p_leaves[i]) for i in ids]
+  us = [jnp.asarray(u_leaves[i]) for i in ids]
+  xs = [None if multiplicative else jnp.asarray(x_leaves[i]) for i in ids]
+  new = _term_fn(modulator, scope, multiplicative)(ps, us, xs, weight)
+  out = list(u_leaves)
+  for i, u in zip(ids, new):
+    out[i] = u
+  return jax.tree.unflatten(treedef, out)
 
+
+@functools.lru_cache(maxsize=256)
+def _cached_term_fn(modulator, scope, multiplicative):
+  return jax.jit(functools.partial(
+      _term, modulator=modulator, scope=scope, multiplicative=multiplicative))
+
+
+def _term_fn(modulator, scope, multiplicative):
+  try:
+    return _cached_term_fn(modulator, scope, multiplicative)
+  except TypeError:  # an unhashable user circuit: a fresh jit each time
+    return jax.jit(functools.partial(
+        _term, modulator=modulator, scope=scope, multiplicative=multiplicative))
+
+
+def _term(ps, us, xs, weight, *, modulator, scope, multiplicative):
+  """The new updates of the eligible leaves ``ps`` (lists, same order)."""
+  n = modulator.n_qubits
   if scope == "all":
-    for i in ids:
-      p, u, xi = p_leaves[i], u_leaves[i], x_leaves[i]
-      coef = _registers_all(p, modulator)
-      out[i] = _combine(u, xi, True, coef, weight, multiplicative)
-    return jax.tree.unflatten(treedef, out)
+    return [_combine(u, x, True, _registers_all(p, modulator), weight,
+                     multiplicative) for p, u, x in zip(ps, us, xs)]
 
-  ftype = jnp.float32
+  # Registers in the parameters' precision (at least float32).
+  ftype = jnp.result_type(jnp.float32, *(p.dtype for p in ps))
   if scope == "leaf":
-    counts = [min(n, math.prod(p_leaves[i].shape)) for i in ids]
+    counts = [min(n, p.size) for p in ps]
     regs = jnp.stack([
-        jnp.pad(head(p_leaves[i], c).astype(ftype), (0, n - c))
-        for i, c in zip(ids, counts)
+        jnp.pad(head(p, c).astype(ftype), (0, n - c))
+        for p, c in zip(ps, counts)
     ])
     m = modulator(regs)
     parts = [m[j, :c] for j, c in enumerate(counts)]
-  elif scope == "model":
+  else:  # "model"
     counts, remaining = [], n
-    for i in ids:
-      c = min(remaining, math.prod(p_leaves[i].shape))
+    for p in ps:
+      c = min(remaining, p.size)
       counts.append(c)
       remaining -= c
-    taken = [(i, c) for i, c in zip(ids, counts) if c > 0]
-    reg = jnp.concatenate([head(p_leaves[i], c).astype(ftype) for i, c in taken])
+    reg = jnp.concatenate([head(p, c).astype(ftype)
+                           for p, c in zip(ps, counts) if c > 0])
     reg = jnp.pad(reg, (0, n - reg.shape[0]))
     m = modulator(reg[None])[0]
     parts, offset = [], 0
     for c in counts:
       parts.append(m[offset:offset + c] if c > 0 else None)
       offset += c
-  else:
-    raise ValueError(f"scope must be one of {SCOPE_NAMES}, got {scope!r}.")
 
-  for i, r in zip(ids, parts):
+  out = []
+  for p, u, x, r in zip(ps, us, xs, parts):
     if r is None:
+      out.append(u)
       continue
-    mask, coef = placed_select(p_leaves[i].shape, r)
-    out[i] = _combine(
-        u_leaves[i], x_leaves[i], mask, coef, weight, multiplicative
-    )
-  return jax.tree.unflatten(treedef, out)
+    mask, coef = placed_select(p.shape, r)
+    out.append(_combine(u, x, mask, coef, weight, multiplicative))
+  return out
 
 
 def selected_mask(params, n_qubits: int, scope: str):
-  """NumPy boolean masks of the coordinates a scope selects (for tests/docs).
+  """NumPy boolean masks of the coordinates a scope selects.
 
   Args:
     params: a tree of arrays (only shapes and dtypes are used).
-    n_qubits: register size.
+    n_qubits: register size, a Python int >= 1.
     scope: ``"leaf"``, ``"model"`` or ``"all"``.
 
   Returns:
-    A tree of ``bool`` NumPy arrays shaped like ``params``.
+    A tree of ``bool`` NumPy arrays shaped like ``params``; leaves that take
+    no part (integer, complex, empty) are all False.
+
+  Raises:
+    ValueError: ``n_qubits`` not an int >= 1, or an unknown ``scope``.
+
+  Examples:
+    >>> import numpy as np
+    >>> import qsgd_optax
+    >>> qsgd_optax.circuits.selected_mask(np.zeros(6), 4, "leaf")
+    array([ True,  True,  True,  True, False, False])
   """
+  n_qubits = _circuits.check_n_qubits(n_qubits)
+  if not isinstance(scope, str) or scope not in SCOPE_NAMES:
+    raise ValueError(f"scope must be one of {SCOPE_NAMES}, got {scope!r}.")
   leaves, treedef = jax.tree.flatten(params)
   masks, remaining = [], n_qubits
   for p in leaves:
     shape = np.shape(p)
     size = math.prod(shape)
     flat = np.zeros(size, bool)
-    if jnp.issubdtype(jnp.result_type(p), jnp.inexact) and size:
+    if jnp.issubdtype(jnp.result_type(p), jnp.floating) and size:
       if scope == "all":
         flat[:] = True
       elif scope == "leaf":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -19,36 +18,36 @@ MODULATE_NAMES = ("gradient", "preconditioned", "update")
 SUPERPOSE_MODULATE_NAMES = ("gradient", "update")
 
 
+def _check_quantum_weight(quantum_weight: Any) -> None:
+  """A finite real scalar; a JAX array is checked without leaving the device.
+
+  ``optax.inject_hyperparams`` calls the factory with JAX arrays (traced, or
+  concrete on every eager update): their shape and dtype are checked, their
+  value is not, since reading it would block on the device each step.
+  """
+  if isinstance(quantum_weight, jax.Array) or _is_traced(quantum_weight):
+    shape, dtype = jnp.shape(quantum_weight), jnp.result_type(quantum_weight)
+    if shape != () or not (jnp.issubdtype(dtype, jnp.floating)
+                           or jnp.issubdtype(dtype, jnp.integer)):
+      raise ValueError(
+          "quantum_weight must be a finite real scalar, got an array of "
+          f"shape {shape} and dtype {dtype}."
+      )
+    return
+  try:
+    value = np.asarray(quantum_weight)
+    ok = value.shape == () and np.isrealobj(value) and np.isfinite(
+        value.astype(np.float64))
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(
+        f"quantum_weight must be a finite real scalar, got {quantum_weight!r}."
+    )
+
+
 def _is_traced(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
-
-
-def _check_n_qubits(n_qubits: Any) -> int:
-  if isinstance(n_qubits, (bool, np.bool_)) or not isinstance(
-      n_qubits, numbers.Integral
-  ):
-    raise ValueError(
-        f"n_qubits must be a Python int >= 1, got {n_qubits!r} "
-        f"({type(n_qubits).__name__})."
-    )
-  if n_qubits < 1:
-    raise ValueError(f"n_qubits must be a Python int >= 1, got {n_qubits}.")
-  return int(n_qubits)
-
-
-def _check_quantum_weight(quantum_weight: Any) -> None:
-  if _is_traced(quantum_weight):
-    return  # inject_hyperparams: validated when it was concrete.
-  try:
-    value = np.asarray(quantum_weight, dtype=np.float64)
-  except (TypeError, ValueError) as e:
-    raise ValueError(
-        f"quantum_weight must be a finite real scalar, got {quantum_weight!r}."
-    ) from e
-  if value.shape != () or not np.isfinite(value):
-    raise ValueError(
-        f"quantum_weight must be a finite real scalar, got {quantum_weight!r}."
-    )
 
 
 def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> str:
@@ -58,7 +57,7 @@ def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> str:
 
 
 def _resolve(quantum_weight, n_qubits, circuit, scope, modulate, accepted):
-  n_qubits = _check_n_qubits(n_qubits)
+  n_qubits = _circuits.check_n_qubits(n_qubits)
   _check_quantum_weight(quantum_weight)
   _check_choice("scope", scope, _scope.SCOPE_NAMES)
   _check_choice("modulate", modulate, accepted)
@@ -72,7 +71,7 @@ def superpose(
     *,
     circuit: str | Callable[[jax.Array], jax.Array] = "paper",
     scope: str = "leaf",
-    modulate: str = "gradient",
+    modulate: str = "update",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adds the quantum superposition term to any Optax transformation.
 
@@ -90,15 +89,16 @@ def superpose(
   coordinates selected by ``scope`` and 0 elsewhere. With the paper's circuit
   :math:`M_i(\theta) = \sin(\pi \theta_i)` (Pamuk et al., eq. 2).
 
-  ``modulate="gradient"`` adds a *descent direction* term: use it on an inner
-  transformation that also outputs a descent direction (such as
-  ``optax.scale_by_adam()``) and chain ``optax.scale_by_learning_rate``
-  afterwards, as :func:`qsgd_optax.scale_by_qsgd` does. Wrapping a complete
-  optimizer (whose update is already ``-lr * direction``) with it adds the
-  term with the wrong sign and scale. ``modulate="update"`` is safe on any
-  inner transformation: the step becomes ``(1 + lambda * M) * u`` on the
-  selected coordinates. ``"preconditioned"`` needs Adam's second moment and is
-  offered only by :func:`qsgd_optax.scale_by_qsgd`.
+  ``modulate="update"`` (the default) is safe on any inner transformation,
+  complete optimizers included: the step becomes ``(1 + lambda * M) * u`` on
+  the selected coordinates, so its sign and scale are ``inner``'s.
+  ``modulate="gradient"`` adds a *descent direction* term: it is meaningful
+  only on an inner transformation that outputs a descent direction (such as
+  ``optax.scale_by_adam()``) followed by ``optax.scale_by_learning_rate``, as
+  :func:`qsgd_optax.scale_by_qsgd` does. On a complete optimizer (whose update
+  is already ``-lr * direction``) it points uphill and is ``1 / lr`` times too
+  large. ``"preconditioned"`` needs Adam's second moment and is offered only
+  by :func:`qsgd_optax.scale_by_qsgd`.
 
   Non-finite gradients: the term is added only on the selected coordinates,
   so a NaN or Inf in ``g`` or ``u`` propagates exactly as it does in
@@ -117,7 +117,7 @@ def superpose(
     circuit: ``"paper"``, ``"entangled"``, ``"sine"`` or a callable
       ``float[B, n_qubits] -> float[B, n_qubits]``.
     scope: ``"leaf"``, ``"model"`` or ``"all"``.
-    modulate: ``"gradient"`` or ``"update"``.
+    modulate: ``"update"`` (default) or ``"gradient"``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s
@@ -133,9 +133,7 @@ def superpose(
     >>> import optax
     >>> import qsgd_optax
     >>> f = lambda x: jnp.sum(x ** 2)
-    >>> tx = optax.chain(
-    ...     qsgd_optax.superpose(optax.scale_by_adam(), 0.5, circuit="sine"),
-    ...     optax.scale_by_learning_rate(0.1))
+    >>> tx = qsgd_optax.superpose(optax.adam(0.1), 0.5, circuit="sine")
     >>> params = jnp.array([0.3, -1.2, 2.5])
     >>> state = tx.init(params)
     >>> for _ in range(5):
@@ -143,11 +141,11 @@ def superpose(
     ...   updates, state = tx.update(grads, state, params)
     ...   params = optax.apply_updates(params, updates)
     ...   print(f"{f(params):.3f}")
-    5.713
-    4.667
-    4.260
-    4.058
-    3.939
+    6.694
+    5.789
+    5.066
+    4.496
+    4.044
 
   References:
     Pamuk, Özdemir, Kocabay, `Superpositional Gradient Descent: Harnessing
@@ -213,16 +211,14 @@ def scale_by_qsgd(
     :math:`g_t`. Faithful, but not invariant to the gradient's scale: a
     gradient 100x larger makes the term 100x larger while Adam's term stays
     O(1). Where :math:`\lambda |M| |g| \geq 1` it cancels or reverses the Adam
-    step. Measured: on least squares with 8 inputs (lr 3e-2, 600 steps)
-    ``quantum_weight=0.5`` plateaus at loss 4.89 where AdamW reaches 4e-13; on
-    optax's convergence targets (30k steps, lr 1e-2) it stalls on the
-    parabola at 0.1 and 0.5 and gives NaN on Rosenbrock at 0.5.
+    step, so training can stall or diverge where Adam converges
+    (measurements: ``bench/RESULTS.md``, "Which form").
   * ``"preconditioned"``: :math:`g_t / (\sqrt{\hat v_t + \epsilon_{root}} +
     \epsilon)`, the term on Adam's own scale.
   * ``"update"``: Adam's direction itself, so the step is
     :math:`(1 + \lambda M)` times Adam's on the selected coordinates.
-    Scale invariant; it converged on those same targets for
-    ``quantum_weight`` 0.1 to 0.9.
+    Scale invariant, and the form that converged wherever Adam did in our
+    measurements.
 
   Non-finite values: a NaN or Inf gradient entry stays on its coordinate,
   exactly as in ``optax.scale_by_adam``: ``mu``, ``nu`` and the update are

@@ -9,6 +9,7 @@ import pytest
 
 import qsgd_optax
 from qsgd_optax import _circuits
+from qsgd_optax import circuits
 
 from helpers import np_modulation
 
@@ -17,7 +18,7 @@ from helpers import np_modulation
 @pytest.mark.parametrize("n_qubits", [1, 3, 4, 6])
 def test_circuit_matches_closed_form(circuit, n_qubits, rng):
   theta = rng.uniform(-3, 3, size=(17, n_qubits)).astype(np.float32)
-  mod = qsgd_optax.resolve_circuit(circuit, n_qubits)
+  mod = qsgd_optax.circuits.resolve_circuit(circuit, n_qubits)
   got = np.asarray(jax.jit(mod)(theta), np.float64)
   want = np_modulation(theta, circuit)
   # float32 statevector: pi * theta rounds to ~3e-7 relative.
@@ -27,42 +28,42 @@ def test_circuit_matches_closed_form(circuit, n_qubits, rng):
 def test_paper_qnode_equals_sine_circuit(rng):
   """The closed form is the oracle of the paper's QNode (PAPER.md sec. 2)."""
   theta = rng.normal(size=(64, 4)).astype(np.float32)
-  paper = qsgd_optax.resolve_circuit("paper", 4)(theta)
-  sine = qsgd_optax.resolve_circuit("sine", 4)(theta)
+  paper = qsgd_optax.circuits.resolve_circuit("paper", 4)(theta)
+  sine = qsgd_optax.circuits.resolve_circuit("sine", 4)(theta)
   np.testing.assert_allclose(paper, sine, atol=3e-6)
 
 
 def test_entangled_differs_from_paper(rng):
   theta = rng.uniform(0.1, 0.4, size=(5, 4)).astype(np.float32)
-  paper = np.asarray(qsgd_optax.resolve_circuit("paper", 4)(theta))
-  ent = np.asarray(qsgd_optax.resolve_circuit("entangled", 4)(theta))
+  paper = np.asarray(qsgd_optax.circuits.resolve_circuit("paper", 4)(theta))
+  ent = np.asarray(qsgd_optax.circuits.resolve_circuit("entangled", 4)(theta))
   np.testing.assert_allclose(paper[:, 0], ent[:, 0], atol=3e-6)
   assert np.all(np.abs(paper[:, 1:] - ent[:, 1:]) > 1e-3)
 
 
 def test_sinpi_accuracy_and_periodicity():
   theta = np.linspace(-40, 40, 200_001).astype(np.float32)
-  got = np.asarray(_circuits.sinpi(jnp.asarray(theta)), np.float64)
+  got = np.asarray(circuits.sinpi(jnp.asarray(theta)), np.float64)
   want = np.sin(np.pi * theta.astype(np.float64))
   assert np.max(np.abs(got - want)) < 2e-7
   # Exact zeros at integers, exact +-1 at half integers.
   ints = np.arange(-5, 6, dtype=np.float32)
-  assert np.all(np.asarray(_circuits.sinpi(ints)) == 0)
+  assert np.all(np.asarray(circuits.sinpi(ints)) == 0)
   halves = ints + np.float32(0.5)
-  np.testing.assert_allclose(_circuits.sinpi(halves),
+  np.testing.assert_allclose(circuits.sinpi(halves),
                              np.cos(np.pi * ints), atol=1e-7)
 
 
 @pytest.mark.parametrize("circuit", ["paper", "sine"])
 def test_gradient_through_circuit(circuit, rng):
   theta = rng.uniform(-1, 1, size=(3, 4)).astype(np.float32)
-  mod = qsgd_optax.resolve_circuit(circuit, 4)
+  mod = qsgd_optax.circuits.resolve_circuit(circuit, 4)
   grad = jax.grad(lambda t: jnp.sum(mod(t)))(jnp.asarray(theta))
   np.testing.assert_allclose(grad, np.pi * np.cos(np.pi * theta), atol=2e-5)
 
 
 def test_batched_leading_axes_and_empty_batch(rng):
-  mod = qsgd_optax.resolve_circuit("paper", 4)
+  mod = qsgd_optax.circuits.resolve_circuit("paper", 4)
   theta = rng.uniform(-1, 1, size=(2, 3, 4)).astype(np.float32)
   out = mod(theta)
   assert out.shape == (2, 3, 4)
@@ -100,14 +101,104 @@ def test_qnode_is_traced_into_the_step_no_host_round_trip():
   assert "complex<f32>" in hlo
 
 
-def test_make_qnode_is_a_pennylane_qnode():
+def test_make_qnode_is_a_valid_circuit_argument(rng):
   import pennylane as qml
-  qnode = qsgd_optax.make_qnode(4)
-  assert isinstance(qnode, qml.QNode)
-  assert qnode.interface == "jax"
-  assert qnode.diff_method == "backprop"
-  with pytest.raises(ValueError, match="readout"):
-    qsgd_optax.make_qnode(4, readout="bogus")
+  circuit = circuits.make_qnode(4)
+  assert isinstance(circuit.qnode, qml.QNode)
+  assert circuit.qnode.interface == "jax"
+  assert circuit.qnode.diff_method == "backprop"
+  theta = rng.uniform(-2, 2, size=(6, 4)).astype(np.float32)
+  # Signs applied: the result is the modulation itself, not raw <Z> values.
+  np.testing.assert_allclose(circuit(theta), np.sin(np.pi * theta), atol=2e-6)
+  ent = circuits.make_qnode(4, readout="entangled")
+  np.testing.assert_allclose(ent(theta), np_modulation(theta, "entangled"),
+                             atol=2e-6)
+  # Usable as circuit=, and the same as the built-in name.
+  params = {"w": jnp.asarray(theta)}
+  grads = {"w": jnp.asarray(np.cos(theta))}
+  got = qsgd_optax.qsgd(1e-2, circuit=circuit)
+  want = qsgd_optax.qsgd(1e-2, circuit="paper")
+  u, _ = got.update(grads, got.init(params), params)
+  v, _ = want.update(grads, want.init(params), params)
+  # One cached circuit behind both: the very same jitted program.
+  np.testing.assert_array_equal(u["w"], v["w"])
+  assert circuits.make_qnode(4) is circuit  # built once, shared
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_qubits=4, readout="bogus"), "readout must be one of"),
+        (dict(n_qubits=0), "n_qubits must be a Python int >= 1"),
+        (dict(n_qubits="4"), "n_qubits must be a Python int >= 1"),
+        (dict(n_qubits=True), "n_qubits must be a Python int >= 1"),
+        (dict(n_qubits=13), "n_qubits must be at most 12"),
+    ],
+    ids=["readout", "zero", "str", "bool", "too-many"],
+)
+def test_make_qnode_validates_its_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    circuits.make_qnode(**kwargs)
+
+
+def test_qnode_circuit_rejects_wrong_shapes_and_wrong_wire_count():
+  circuit = circuits.make_qnode(3)
+  with pytest.raises(ValueError, match=r"theta must have shape \(batch, n_qubits=3\)"):
+    circuit(np.zeros(3, np.float32))
+  with pytest.raises(ValueError, match="theta must be a real"):
+    circuit(np.zeros((2, 3), np.complex64))
+  with pytest.raises(ValueError, match="has 3 wires but n_qubits=4"):
+    qsgd_optax.qsgd(1e-3, n_qubits=4, circuit=circuit)
+
+
+def test_public_helpers_validate_their_arguments():
+  mod = circuits.resolve_circuit("paper", 4)
+  with pytest.raises(ValueError, match="last axis of size n_qubits=4"):
+    mod(jnp.float32(0.5))  # 0-d theta
+  with pytest.raises(ValueError, match="last axis of size n_qubits=4"):
+    mod(np.zeros((2, 3), np.float32))
+  with pytest.raises(ValueError, match="n_qubits must be a Python int"):
+    circuits.resolve_circuit("sine", 0)
+  with pytest.raises(ValueError, match="circuit must be one of"):
+    circuits.resolve_circuit("bogus", 4)
+  with pytest.raises(ValueError, match=r"scope must be one of \('leaf'"):
+    circuits.selected_mask({"w": np.zeros(3)}, 4, "bogus")
+  with pytest.raises(ValueError, match="n_qubits must be a Python int"):
+    circuits.selected_mask({"w": np.zeros(3)}, -1, "leaf")
+  with pytest.raises(ValueError, match="theta must be a real"):
+    circuits.sinpi(jnp.ones(3, jnp.complex64))
+
+
+@pytest.mark.parametrize("circuit", ["paper", "entangled"])
+def test_qnode_equals_closed_form_at_any_magnitude(circuit):
+  """The angle is built from theta reduced exactly mod 2 (2-periodic readouts).
+
+  Without the reduction, float32 pi * theta drifts: 1.9e-4 off at |theta| ~
+  1e3 and 0.19 at 1e6. With it the error is that of a float32 statevector
+  at |theta| <= 1 (a rounded angle pi * y, |y| <= 1, and complex64 gate
+  products: <= 1e-6 measured), at every magnitude.
+  """
+  mod = circuits.resolve_circuit(circuit, 4)
+  for scale in (1.0, 1e3, 1e5, 1e6, 1e7):
+    theta = np.linspace(-scale, scale, 4000, dtype=np.float32).reshape(-1, 4)
+    got = np.asarray(mod(theta), np.float64)
+    want = np_modulation(theta.astype(np.float64), circuit)
+    np.testing.assert_allclose(got, want, atol=1.5e-6, rtol=0,
+                               err_msg=f"|theta| <= {scale:g}")
+
+
+def test_top_level_namespace_is_the_contract():
+  assert set(qsgd_optax.__all__) == {"circuits", "qsgd", "scale_by_qsgd",
+                                     "superpose"}
+  for name in ("CIRCUIT_NAMES", "MAX_QNODE_QUBITS", "SCOPE_NAMES",
+               "MODULATE_NAMES", "resolve_circuit", "selected_mask"):
+    with pytest.warns(DeprecationWarning, match=f"qsgd_optax.circuits.{name}"):
+      assert getattr(qsgd_optax, name) is getattr(circuits, name)
+  # make_qnode changed meaning (it returns a circuit now): no silent alias.
+  with pytest.raises(AttributeError, match="circuits.make_qnode"):
+    qsgd_optax.make_qnode  # noqa: B018
+  with pytest.raises(AttributeError, match="no attribute 'bogus'"):
+    qsgd_optax.bogus  # noqa: B018
 
 
 def test_user_callable_circuit(rng):
@@ -118,7 +209,7 @@ def test_user_callable_circuit(rng):
     return jnp.cos(theta)
 
   theta = rng.normal(size=(5, 4)).astype(np.float32)
-  mod = qsgd_optax.resolve_circuit(cosine, 4)
+  mod = qsgd_optax.circuits.resolve_circuit(cosine, 4)
   np.testing.assert_allclose(mod(theta), np.cos(theta), rtol=1e-6)
   assert calls[0] == (3, 4)  # the construction-time shape check
 
@@ -147,8 +238,38 @@ def test_unknown_circuit_name():
 
 
 def test_qnode_qubit_bound():
-  bound = qsgd_optax.MAX_QNODE_QUBITS
+  bound = qsgd_optax.circuits.MAX_QNODE_QUBITS
   with pytest.raises(ValueError, match=f"n_qubits must be at most {bound}"):
     qsgd_optax.qsgd(1e-3, n_qubits=bound + 1, circuit="paper")
   # The closed form has no such bound.
   qsgd_optax.qsgd(1e-3, n_qubits=bound + 1, circuit="sine")
+
+
+@pytest.mark.parametrize("n_qubits", [8, 12])
+def test_scope_all_temporaries_are_bounded(n_qubits):
+  """Registers are simulated in chunks: temporaries do not grow with 2**n.
+
+  One 1 MiB leaf (512 x 512 float32). Simulated whole, its statevectors
+  needed 131 MiB of temporaries at n=8 and 1.37 GiB at n=12; in chunks of
+  MAX_CHUNK_AMPLITUDES (8 MiB of complex64) they take about 18 MiB at any
+  n (a few chunk-sized buffers plus leaf-sized ones). 32 MiB leaves room
+  for another XLA version's buffer assignment.
+  """
+  x = jnp.zeros((512, 512), jnp.float32)
+  tx = qsgd_optax.qsgd(1e-3, n_qubits=n_qubits, circuit="paper", scope="all")
+  compiled = jax.jit(tx.update).lower(x, tx.init(x), x).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < 32 * 2**20, temp / 2**20
+
+
+def test_chunked_evaluation_equals_whole(monkeypatch, rng):
+  """Chunks (with a padded last chunk) give the same modulation."""
+  theta = rng.uniform(-2, 2, size=(37, 4)).astype(np.float32)
+  mod = circuits.resolve_circuit("paper", 4)
+  whole = np.asarray(mod(theta))
+  monkeypatch.setattr(_circuits, "MAX_CHUNK_AMPLITUDES", 16 * 8)  # 8 registers
+  assert _circuits.chunk_registers(4) == 8
+  chunked = np.asarray(mod(theta))
+  # Another program (a lax.map over chunks): equal to float32 rounding.
+  np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(chunked, np.sin(np.pi * theta), atol=1.5e-6)

@@ -166,7 +166,11 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run():
   guarded = classification.train_and_evaluate(
       classification.ClassificationConfig(**small, max_nonfinite=3), arm, 0, dataset=data)
   assert guarded["nonfinite_steps"] == 0 and plain["nonfinite_steps"] is None
-  assert guarded["train_loss"] == plain["train_loss"]
+  # apply_if_finite compiles another train step (a finite check and a
+  # select), so the losses agree to float32 rounding, not bit for bit (8e-8
+  # relative measured); a skipped or altered step would move the epoch-mean
+  # loss by far more than 1e-5.
+  np.testing.assert_allclose(guarded["train_loss"], plain["train_loss"], rtol=1e-5, atol=0)
   # An infinite loss scale makes every gradient non-finite: every step is
   # skipped, and the run stops at the first epoch end with a clear message.
   bad = classification.ClassificationConfig(**small, max_nonfinite=3, loss_scale=1e39)

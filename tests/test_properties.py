@@ -76,7 +76,7 @@ def _circuit(name: str, n_qubits: int):
   """
   if name == "sine":
     return name
-  return qsgd_optax.resolve_circuit(name, n_qubits)
+  return qsgd_optax.circuits.resolve_circuit(name, n_qubits)
 
 
 @functools.cache
@@ -265,7 +265,7 @@ def test_first_step_changes_only_selected_coordinates_by_the_closed_form(
   u, _ = _first_update(_qsgd(*config, quantum_weight, weight_decay),
                        params, grads)
   ua, _ = _first_update(_adamw(weight_decay), params, grads)
-  masks = qsgd_optax.selected_mask(params, n_qubits, scope)
+  masks = qsgd_optax.circuits.selected_mask(params, n_qubits, scope)
   for p, g, got, adamw, mask in zip(
       *map(jax.tree.leaves, (params, grads, u, ua, masks))):
     assert got.dtype == adamw.dtype

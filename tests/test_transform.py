@@ -88,7 +88,7 @@ def test_first_step_differs_from_adamw_only_on_selected(scope, modulate, rng):
   u, _ = tx.update(grads, tx.init(params), params)
   ua, _ = optax.adamw(0.1, weight_decay=0.0).update(
       grads, optax.adamw(0.1, weight_decay=0.0).init(params), params)
-  masks = qsgd_optax.selected_mask(params, 4, scope)
+  masks = qsgd_optax.circuits.selected_mask(params, 4, scope)
   for key in params:
     diff = np.asarray(u[key]) != np.asarray(ua[key])
     mask = masks[key]
@@ -113,7 +113,7 @@ def test_quantum_weight_zero_is_adamw(rng):
 def test_scope_model_register_spans_leaves():
   params = {"a": jnp.array([0.25]), "b": jnp.array([[0.5, -0.25], [1.5, 0.1]]),
             "c": jnp.array([0.3, 0.3])}
-  masks = qsgd_optax.selected_mask(params, 4, "model")
+  masks = qsgd_optax.circuits.selected_mask(params, 4, "model")
   assert masks["a"].tolist() == [True]
   assert masks["b"].tolist() == [[True, True], [True, False]]
   assert masks["c"].tolist() == [False, False]
@@ -228,3 +228,27 @@ def test_superpose_update_wraps_any_optimizer(rng):
   scale = np.ones((2, 6))
   scale[0, :4] += 0.3 * np.sin(np.pi * np.asarray(params["w"][0, :4]))
   np.testing.assert_allclose(u["w"], np.asarray(ui["w"]) * scale, rtol=1e-5)
+
+
+def test_superpose_default_is_safe_on_a_complete_optimizer():
+  """DESIGN.md: superpose defaults to modulate='update'.
+
+  With "gradient" on a complete optimizer the term would be +0.5 * M * g =
+  +0.5 against Adam's -1e-3 at theta = 0.5, g = 1: uphill and 500x larger.
+  """
+  params, grads = jnp.array([0.5]), jnp.array([1.0])
+  inner = optax.adam(1e-3)
+  tx = qsgd_optax.superpose(inner, 0.5, circuit="sine")
+  u, _ = tx.update(grads, tx.init(params), params)
+  ui, _ = inner.update(grads, inner.init(params), params)
+  np.testing.assert_allclose(ui, [-1e-3], rtol=1e-5)
+  np.testing.assert_allclose(u, 1.5 * np.asarray(ui), rtol=1e-5)
+  explicit = qsgd_optax.superpose(inner, 0.5, circuit="sine",
+                                  modulate="update")
+  v, _ = explicit.update(grads, explicit.init(params), params)
+  np.testing.assert_array_equal(u, v)  # same program twice
+  # The descent-direction form, opted into, does what its docstring warns.
+  uphill = qsgd_optax.superpose(inner, 0.5, circuit="sine",
+                                modulate="gradient")
+  w, _ = uphill.update(grads, uphill.init(params), params)
+  assert float(w[0]) > 0.4

@@ -1,9 +1,14 @@
 """Run QSGD on params sharded over 8 CPU devices; print a JSON report.
 
 Executed in a subprocess by tests/test_sharding.py, because the number of
-host devices is fixed when JAX starts.
+host devices is fixed when JAX starts. Modes: ``auto`` (Auto mesh axes),
+``explicit`` (Explicit axes inside ``jax.set_mesh``) and ``explicit-bare``
+(Explicit axes, the default of ``jax.make_mesh``, with no mesh context: the
+way ``optax.adamw`` is used without one). Each mode runs the update jitted
+and eagerly.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -18,55 +23,68 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import qsgd_optax  # noqa: E402
 
+CASES = [("paper", "leaf"), ("paper", "model"), ("paper", "all"),
+         ("sine", "all")]
+# "w": both dims sharded, rows of 6 (registers span rows under "all");
+# "e": last dim sharded 2 per device (registers straddle shards);
+# "s": last dim sharded 8 per device (two whole registers per shard);
+# "v": a sharded vector; "r": replicated.
+SPECS = {"w": P("data", "model"), "e": P(None, "data"), "s": P(None, "data"),
+         "v": P("data"), "r": P()}
+SHAPES = {"w": (16, 6), "e": (3, 8), "s": (2, 32), "v": (8,), "r": (5,)}
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
 
-def main(mode: str) -> None:
+
+def _collectives(hlo: str) -> list[str]:
+  return [c for c in COLLECTIVES if c in hlo]
+
+
+def main(mode: str) -> dict:
   assert jax.device_count() == 8, jax.devices()
-  axis_type = (jax.sharding.AxisType.Explicit if mode == "explicit"
-               else jax.sharding.AxisType.Auto)
+  axis_type = (jax.sharding.AxisType.Auto if mode == "auto"
+               else jax.sharding.AxisType.Explicit)
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+  context = (jax.set_mesh(mesh) if mode == "explicit"
+             else contextlib.nullcontext())
   rng = np.random.default_rng(0)
-  specs = {"w": P("data", "model"), "e": P(None, "data"), "v": P("data"),
-           "r": P()}
-  shapes = {"w": (16, 6), "e": (3, 8), "v": (8,), "r": (5,)}
   host = {k: rng.uniform(-1, 1, size=s).astype(np.float32)
-          for k, s in shapes.items()}
+          for k, s in SHAPES.items()}
   grads_host = {k: np.cos(v) for k, v in host.items()}
-  put = lambda tree: {k: jax.device_put(v, NamedSharding(mesh, specs[k]))
+  put = lambda tree: {k: jax.device_put(v, NamedSharding(mesh, SPECS[k]))
                       for k, v in tree.items()}
   report = {}
-  for circuit, scope in [("paper", "leaf"), ("paper", "model"),
-                         ("paper", "all"), ("sine", "all")]:
+  for circuit, scope in CASES:
     tx = qsgd_optax.qsgd(1e-2, 0.5, circuit=circuit, scope=scope,
                          weight_decay=1e-3)
     params, grads = put(host), put(grads_host)
-    with jax.set_mesh(mesh) if mode == "explicit" else _null():
-      state = jax.jit(tx.init)(params)
-      updates, state = jax.jit(tx.update)(grads, state, params)
     ref_u, _ = tx.update(grads_host, tx.init(host), host)
-    adam_state = state[0]
-    case = {}
-    for k in host:
-      want = NamedSharding(mesh, specs[k])
-      case[k] = {
-          "updates": updates[k].sharding.is_equivalent_to(want, len(shapes[k])),
-          "mu": adam_state.mu[k].sharding.is_equivalent_to(want,
-                                                           len(shapes[k])),
-          "nu": adam_state.nu[k].sharding.is_equivalent_to(want,
-                                                           len(shapes[k])),
-          "shards": len(updates[k].addressable_shards),
-          "max_abs_err": float(np.max(np.abs(np.asarray(updates[k])
-                                             - np.asarray(ref_u[k])))),
-      }
+    with context:
+      # init eagerly: jitting init needs a mesh context under Explicit axes,
+      # for optax.adamw as for QSGD.
+      state = tx.init(params)
+      runs = {"jit": jax.jit(tx.update)(grads, state, params),
+              "eager": tx.update(grads, state, params)}
+      # The collectives of the "s" leaf alone: registers that fit in a
+      # shard are simulated where they are.
+      only_s = {"s": params["s"]}
+      hlo_s = jax.jit(tx.update).lower(
+          only_s, tx.init(only_s), only_s).compile().as_text()
+    case = {"collectives_s": _collectives(hlo_s)}
+    for how, (updates, new_state) in runs.items():
+      adam_state = new_state[0]
+      for k in host:
+        want = NamedSharding(mesh, SPECS[k])
+        ndim = len(SHAPES[k])
+        case[f"{how}/{k}"] = {
+            "updates": updates[k].sharding.is_equivalent_to(want, ndim),
+            "mu": adam_state.mu[k].sharding.is_equivalent_to(want, ndim),
+            "nu": adam_state.nu[k].sharding.is_equivalent_to(want, ndim),
+            "shards": len(updates[k].addressable_shards),
+            "max_abs_err": float(np.max(np.abs(np.asarray(updates[k])
+                                               - np.asarray(ref_u[k])))),
+        }
     report[f"{circuit}/{scope}"] = case
   return report
-
-
-class _null:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 if __name__ == "__main__":
