@@ -104,6 +104,19 @@ def chunk_registers(n_qubits: int) -> int:
   return max(1, MAX_CHUNK_AMPLITUDES >> n_qubits)
 
 
+def _chunking(batch: int, chunk: int) -> tuple[int, int]:
+  """``(count, size)`` of chunks covering ``batch`` registers, size <= chunk.
+
+  Prefers a count that divides ``batch`` (no padding copy), up to twice the
+  fewest chunks; otherwise pads the last chunk.
+  """
+  fewest = -(-batch // chunk)
+  for count in range(fewest, 2 * fewest + 1):
+    if batch % count == 0:
+      return count, batch // count
+  return fewest, chunk
+
+
 @dataclasses.dataclass(frozen=True)
 class Modulator:
   """A resolved circuit: what computes ``M`` for registers of any batch shape.
@@ -148,8 +161,10 @@ class Modulator:
     if batch <= chunk:
       out = self.fn(flat)
     else:
-      count = -(-batch // chunk)
-      padded = jnp.pad(flat, ((0, count * chunk - batch), (0, 0)))
+      count, chunk = _chunking(batch, chunk)
+      padded = flat
+      if count * chunk != batch:
+        padded = jnp.pad(flat, ((0, count * chunk - batch), (0, 0)))
       out = jax.lax.map(self.fn, padded.reshape(count, chunk, self.n_qubits))
       out = out.reshape(count * chunk, self.n_qubits)[:batch]
     return out.reshape(theta.shape).astype(dtype)

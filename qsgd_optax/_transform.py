@@ -212,7 +212,7 @@ def scale_by_qsgd(
     gradient 100x larger makes the term 100x larger while Adam's term stays
     O(1). Where :math:`\lambda |M| |g| \geq 1` it cancels or reverses the Adam
     step, so training can stall or diverge where Adam converges
-    (measurements: ``bench/RESULTS.md``, "Which form").
+    (measurements: ``bench/RESULTS.md``, "Robustness").
   * ``"preconditioned"``: :math:`g_t / (\sqrt{\hat v_t + \epsilon_{root}} +
     \epsilon)`, the term on Adam's own scale.
   * ``"update"``: Adam's direction itself, so the step is
@@ -237,11 +237,19 @@ def scale_by_qsgd(
   never sees the parameters and stays finite, but ``apply_if_finite`` checks
   only the gradients and does not skip such a step.
 
-  Degenerate trees: empty trees and trees of only integer, zero-size or 0-d
-  leaves are accepted and keep their structure; only non-empty floating-point
-  leaves take part in the term. Give integer leaves zero gradients: as in
+  Degenerate trees and dtypes: empty trees and trees of only integer,
+  zero-size or 0-d leaves are accepted and keep their structure; only
+  non-empty real floating-point leaves take part in the term, in their own
+  precision (at least float32; float64 with ``jax_enable_x64``). Complex
+  leaves get exactly Adam's update (``sin(pi * theta)`` has no complex
+  reading here). Give integer leaves zero gradients: as in
   ``optax.adamw``, their update and first moment come out float32 (a
   ``None`` gradient is rejected by ``optax.scale_by_adam`` itself).
+
+  Sharding: updates and state keep each leaf's sharding, with Auto or
+  Explicit mesh axes, with or without ``jax.set_mesh``; scope ``"leaf"``
+  moves ``n_qubits`` entries per leaf, never a leaf (see
+  :mod:`qsgd_optax.circuits` for scope ``"all"``).
 
   Args:
     b1: exponential decay rate of the first moment.

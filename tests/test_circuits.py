@@ -263,13 +263,17 @@ def test_scope_all_temporaries_are_bounded(n_qubits):
 
 
 def test_chunked_evaluation_equals_whole(monkeypatch, rng):
-  """Chunks (with a padded last chunk) give the same modulation."""
-  theta = rng.uniform(-2, 2, size=(37, 4)).astype(np.float32)
+  """Chunks (equal ones, or a padded last one) give the same modulation."""
   mod = circuits.resolve_circuit("paper", 4)
-  whole = np.asarray(mod(theta))
+  thetas = {b: rng.uniform(-2, 2, size=(b, 4)).astype(np.float32)
+            for b in (36, 37)}
+  whole = {b: np.asarray(mod(t)) for b, t in thetas.items()}
   monkeypatch.setattr(_circuits, "MAX_CHUNK_AMPLITUDES", 16 * 8)  # 8 registers
   assert _circuits.chunk_registers(4) == 8
-  chunked = np.asarray(mod(theta))
-  # Another program (a lax.map over chunks): equal to float32 rounding.
-  np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
-  np.testing.assert_allclose(chunked, np.sin(np.pi * theta), atol=1.5e-6)
+  assert _circuits._chunking(36, 8) == (6, 6)  # 6 equal chunks, no padding
+  assert _circuits._chunking(37, 8) == (5, 8)  # 37 is prime: pad to 40
+  for b, theta in thetas.items():
+    chunked = np.asarray(mod(theta))
+    # Another program (a lax.map over chunks): equal to float32 rounding.
+    np.testing.assert_allclose(chunked, whole[b], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(chunked, np.sin(np.pi * theta), atol=1.5e-6)

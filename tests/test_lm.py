@@ -367,7 +367,7 @@ def test_sharded_train_step_matches_single_device(tmp_path):
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
       check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+  line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULT"))
   results = json.loads(line[len("RESULT "):])
   for label, r in results.items():
     np.testing.assert_allclose(r["loss_8"], r["loss_1"], rtol=2e-5,
