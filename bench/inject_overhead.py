@@ -146,21 +146,48 @@ def plot(runs, path: Path) -> Path:
   return path
 
 
+def _cpu_model() -> str:
+  """The CPU's model name (as lscpu shows it), else the platform's word."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
 
   from qsgd_optax import _circuits  # pylint: disable=g-import-not-at-top
 
+  import pennylane as qml  # pylint: disable=g-import-not-at-top
+
+  # Count every QNode constructed during the run (not the cache's own size,
+  # which a bypassed cache would not change).
+  built = []
+  init = qml.QNode.__init__
+
+  def counting_init(self, *a, **kw):
+    built.append(1)
+    init(self, *a, **kw)
+
+  _circuits._qnode_circuit.cache_clear()  # pylint: disable=protected-access
+  qml.QNode.__init__ = counting_init
   runs = []
-  with _common.progress_bar(total=len(MODES) * args.pairs, desc="pairs") as bar:
-    for mode in MODES:
-      runs.append(time_mode(mode, args.leaves, args.pairs, args.warmup, bar))
-  qnodes = _circuits._qnode_circuit.cache_info().currsize  # pylint: disable=protected-access
+  try:
+    with _common.progress_bar(total=len(MODES) * args.pairs, desc="pairs") as bar:
+      for mode in MODES:
+        runs.append(time_mode(mode, args.leaves, args.pairs, args.warmup, bar))
+  finally:
+    qml.QNode.__init__ = init
+  qnodes = len(built)
   for run in runs:
     run["qnodes_built"] = qnodes
   config = {**vars(args), "device": jax.devices()[0].device_kind,
-            "machine": platform.processor() or platform.machine(),
+            "machine": _cpu_model(),
             "jax": jax.__version__, "python": sys.version.split()[0]}
   _common.write_summary(args.out, runs, config)
   plot(runs, args.out / PNG_NAME)

@@ -70,7 +70,9 @@ def qsgd(
 
   Args:
     learning_rate: a scalar or an ``optax.Schedule``.
-    quantum_weight: :math:`\lambda`; the paper uses 0.1 and 0.5.
+    quantum_weight: :math:`\lambda`; the paper uses 0.1 and 0.5. A finite
+      real scalar (a JAX array is checked for shape and dtype only, see
+      :func:`qsgd_optax.superpose`).
     n_qubits: register size; the paper uses 4.
     b1: exponential decay rate of the first moment.
     b2: exponential decay rate of the second moment.

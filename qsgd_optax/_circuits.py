@@ -66,8 +66,8 @@ READOUT_NAMES = ("paper", "entangled")
 # per n coordinates, so the simulation costs 2**n / n amplitudes per parameter.
 MAX_QNODE_QUBITS = 12
 
-# Registers are simulated in chunks of at most this many amplitudes
-# (2**20 complex64 amplitudes = 8 MiB per statevector), so scope "all" on a
+# Registers are simulated in chunks of at most this many amplitudes (8 MiB
+# of complex64, 16 MiB of complex128 per statevector), so scope "all" on a
 # large leaf needs temporaries of a few chunks, not of the whole leaf.
 MAX_CHUNK_AMPLITUDES = 2**20
 
@@ -88,13 +88,16 @@ def check_n_qubits(n_qubits: Any) -> int:
   return int(n_qubits)
 
 
-def _real_dtype(theta: jax.Array, name: str = "theta"):
-  dtype = jnp.result_type(theta)
-  if not (jnp.issubdtype(dtype, jnp.floating)
+def _real_dtype(theta: Any, name: str = "theta"):
+  try:
+    dtype = jnp.result_type(theta)
+  except TypeError:
+    dtype = None
+  if dtype is None or not (jnp.issubdtype(dtype, jnp.floating)
           or jnp.issubdtype(dtype, jnp.integer)):
     raise ValueError(
-        f"{name} must be a real (floating-point or integer) array, got dtype "
-        f"{dtype}."
+        f"{name} must be a real (floating-point or integer) array, got "
+        f"{theta!r:.80}" + ("" if dtype is None else f" of dtype {dtype}") + "."
     )
   return jnp.promote_types(dtype, jnp.float32)
 
@@ -108,13 +111,14 @@ def _chunking(batch: int, chunk: int) -> tuple[int, int]:
   """``(count, size)`` of chunks covering ``batch`` registers, size <= chunk.
 
   Prefers a count that divides ``batch`` (no padding copy), up to twice the
-  fewest chunks; otherwise pads the last chunk.
+  fewest chunks; otherwise the fewest chunks of equal size, padded by fewer
+  registers than there are chunks.
   """
   fewest = -(-batch // chunk)
   for count in range(fewest, 2 * fewest + 1):
     if batch % count == 0:
       return count, batch // count
-  return fewest, chunk
+  return fewest, -(-batch // fewest)  # pad fewer than `fewest` registers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,14 +147,13 @@ class Modulator:
     chunks of :func:`chunk_registers` registers (one ``lax.map`` step each),
     which bounds the statevector temporaries.
     """
-    theta = jnp.asarray(theta)
+    dtype = _real_dtype(theta)
+    theta = jnp.asarray(theta, dtype)
     if theta.ndim == 0 or theta.shape[-1] != self.n_qubits:
       raise ValueError(
           f"theta must have a last axis of size n_qubits={self.n_qubits}, "
           f"got shape {theta.shape}."
       )
-    dtype = _real_dtype(theta)
-    theta = theta.astype(dtype)
     if self.elementwise:
       return self.fn(theta).astype(dtype)
     batch = math.prod(theta.shape[:-1])
@@ -199,8 +202,7 @@ def sinpi(theta: jax.Array) -> jax.Array:
   Raises:
     ValueError: for complex or boolean ``theta``.
   """
-  theta = jnp.asarray(theta)
-  theta = theta.astype(_real_dtype(theta))
+  theta = jnp.asarray(theta, _real_dtype(theta))
   y = reduce_period2(theta)  # [-1, 1], same sine
   a = jnp.abs(y)
   z = jnp.copysign(jnp.where(a > 0.5, 1 - a, a), y)  # sin(pi(1-a)) = sin(pi a)
@@ -214,19 +216,25 @@ def sinpi(theta: jax.Array) -> jax.Array:
   return t * poly
 
 
-def _sine(theta: jax.Array) -> jax.Array:
+def sinpi_circuit(theta: jax.Array) -> jax.Array:
+  """The ``"sine"`` circuit: :func:`sinpi`, elementwise."""
   return sinpi(theta)
 
 
-# PennyLane 0.45 supports jax 0.7; on newer jax its JAX interface works but
-# warns. Both warnings below are expected and harmless, and are ignored only
-# around our own QNode calls:
-#  * jax deprecations touched inside PennyLane's jax interface;
+# PennyLane 0.45 is tested on jax 0.7; its JAX interface works on newer jax
+# but warns. The warnings below are expected and harmless, and are ignored
+# only around our own QNode calls, each from the jax version that emits it
+# (tests/test_circuits.py checks that every active filter still matches):
+#  * jax.core deprecations touched inside PennyLane's jax interface (jax
+#    >= 0.10);
 #  * the statevector is requested as complex128 and JAX (x64 off) keeps it
 #    complex64, which is the precision we want on accelerators.
-_EXPECTED_QNODE_WARNINGS = (
-    (DeprecationWarning, r"jax\.core\..* is deprecated"),
-    (UserWarning, r"Explicitly requested dtype complex128"),
+_JAX_VERSION = tuple(int(v) for v in jax.__version__.split(".")[:2])
+EXPECTED_QNODE_WARNINGS = tuple(
+    (category, message) for category, message, since in (
+        (DeprecationWarning, r"jax\.core\..* is deprecated", (0, 10)),
+        (UserWarning, r"Explicitly requested dtype .*complex128", (0, 0)),
+    ) if _JAX_VERSION >= since
 )
 
 
@@ -234,7 +242,7 @@ def _quietly(fn: Callable[..., Any]) -> Callable[..., Any]:
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     with warnings.catch_warnings():
-      for category, message in _EXPECTED_QNODE_WARNINGS:
+      for category, message in EXPECTED_QNODE_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
       return fn(*args, **kwargs)
 
@@ -264,13 +272,15 @@ class QNodeCircuit:
   _fn: Callable[[jax.Array], jax.Array] = dataclasses.field(repr=False)
 
   def __call__(self, theta: jax.Array) -> jax.Array:
-    theta = jnp.asarray(theta)
+    dtype = _real_dtype(theta)
+    theta = jnp.asarray(theta, dtype)
     if theta.ndim != 2 or theta.shape[-1] != self.n_qubits:
       raise ValueError(
           f"theta must have shape (batch, n_qubits={self.n_qubits}), got "
           f"shape {theta.shape}."
       )
-    _real_dtype(theta)
+    if theta.shape[0] == 0:
+      return jnp.zeros(theta.shape, dtype)
     return self._fn(theta)
 
 
@@ -359,7 +369,14 @@ def _qnode_circuit(n_qubits: int, readout: str) -> QNodeCircuit:
     out = -jnp.stack([jnp.reshape(e, theta.shape[:1]) for e in expvals], -1)
     return out.astype(dtype)
 
-  return QNodeCircuit(qnode, n_qubits, readout, fn)
+  circuit = QNodeCircuit(qnode, n_qubits, readout, fn)
+  BUILT_IN.add(circuit)
+  return circuit
+
+
+# The circuits make_qnode built (their behaviour is fixed by readout and
+# n_qubits, so traces of them may be cached), as opposed to user callables.
+BUILT_IN: "weakref.WeakSet[QNodeCircuit]" = weakref.WeakSet()
 
 
 # Callables already checked, per register size: a factory re-called with the
@@ -435,7 +452,7 @@ def resolve_circuit(circuit: str | Circuit, n_qubits: int) -> Modulator:
   n_qubits = check_n_qubits(n_qubits)
   if isinstance(circuit, str):
     if circuit == "sine":
-      return Modulator(_sine, n_qubits, "sine", elementwise=True)
+      return Modulator(sinpi_circuit, n_qubits, "sine", elementwise=True)
     if circuit in READOUT_NAMES:
       _check_qnode_qubits(n_qubits, f"{circuit!r} circuit")
       return Modulator(_qnode_circuit(n_qubits, circuit), n_qubits, circuit)

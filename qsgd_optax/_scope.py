@@ -164,6 +164,10 @@ def _combine(u, x, mask, coef, weight, multiplicative=False):
   0))``, so that ``u`` is used once.
   """
   dtype = jnp.promote_types(u.dtype, jnp.float32)
+  if mask is not True and _explicit_sharding(u) is not None:
+    # Give the (replicated, broadcasting) mask the leaf's sharding: older jax
+    # requires select's operands to be sharded alike.
+    mask = mask & jnp.ones_like(u, dtype=bool)
   if multiplicative:  # x is u: u * (1 + where(mask, w * coef, 0)), one use of u
     scale = weight * coef.astype(dtype)
     if mask is not True:
@@ -193,10 +197,12 @@ def _registers_all(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
 
   Registers lie along the last dim when it is divisible by ``n``. Under
   explicit sharding each device then simulates only the registers of its own
-  shard (``shard_map``), provided its part of the last dim is divisible by
-  ``n``; otherwise only the last dim is gathered. A leaf whose last dim is
-  not divisible by ``n`` has registers spanning rows: it is gathered whole
-  and the result resharded back (documented cost).
+  shard (``shard_map`` over the leaf's Explicit axes; Auto axes of the same
+  mesh stay with the partitioner), provided its part of the last dim is
+  divisible by ``n``; otherwise only the last dim is gathered. A leaf whose
+  last dim is not divisible by ``n`` has registers spanning rows: it is
+  gathered whole and the result resharded back. Under Auto axes alone the
+  partitioner decides (it gathers for the QNode). README, "Where it runs".
   """
   p = p.astype(jnp.promote_types(p.dtype, jnp.float32))
   if modulator.elementwise:
@@ -213,9 +219,14 @@ def _registers_all(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
   if (p.shape[-1] // _axis_size(sharding.mesh, spec[-1])) % n:
     local_spec = spec[:-1] + (None,)  # registers would straddle shards
     p = jax.sharding.reshard(p, sharding.update(spec=P(*local_spec)))
+  # Manual over the axes the leaf is sharded on, and only those: the other
+  # (e.g. Auto) axes stay with the partitioner instead of being gathered.
+  names = frozenset(a for entry in local_spec if entry is not None
+                    for a in (entry if isinstance(entry, tuple) else (entry,)))
   out = jax.shard_map(
       functools.partial(_registers_local, modulator=modulator),
       mesh=sharding.mesh, in_specs=P(*local_spec), out_specs=P(*local_spec),
+      axis_names=names,
   )(p)
   if local_spec != spec:
     out = jax.sharding.reshard(out, sharding)
@@ -233,10 +244,11 @@ def add_term(
 ):
   """Returns ``updates + weight * M(params) * x`` on the scope's coordinates.
 
-  The term is one jitted function per ``(modulator, scope, multiplicative)``:
-  inside an enclosing ``jit`` it is inlined into the same program; called
-  eagerly (as ``optax.inject_hyperparams`` users may) it is a single
-  dispatch, not one per operation.
+  For the built-in circuits the term is one cached jitted function per
+  ``(circuit, n_qubits, scope, multiplicative)``: inside an enclosing ``jit``
+  it is inlined into the same program; called eagerly (as
+  ``optax.inject_hyperparams`` users may) it is a single dispatch, not one
+  per operation. A user's callable runs as it is, traced afresh each time.
 
   Args:
     updates: the base update tree (may hold ``None`` leaves).
@@ -275,18 +287,24 @@ def add_term(
   return jax.tree.unflatten(treedef, out)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=None)
 def _cached_term_fn(modulator, scope, multiplicative):
   return jax.jit(functools.partial(
       _term, modulator=modulator, scope=scope, multiplicative=multiplicative))
 
 
 def _term_fn(modulator, scope, multiplicative):
-  try:
+  """The term as one cached jit for built-in circuits; plain for callables.
+
+  A user's callable may carry state that changes between calls (an
+  ``nnx.Module``, a closure), which a cached trace would freeze, and two
+  equal callables may differ; so only the built-in circuits, whose
+  behaviour is fixed by ``(name, n_qubits)``, share a cached jit.
+  """
+  if modulator.fn is _circuits.sinpi_circuit or modulator.fn in _circuits.BUILT_IN:
     return _cached_term_fn(modulator, scope, multiplicative)
-  except TypeError:  # an unhashable user circuit: a fresh jit each time
-    return jax.jit(functools.partial(
-        _term, modulator=modulator, scope=scope, multiplicative=multiplicative))
+  return functools.partial(
+      _term, modulator=modulator, scope=scope, multiplicative=multiplicative)
 
 
 def _term(ps, us, xs, weight, *, modulator, scope, multiplicative):

@@ -27,8 +27,8 @@ def _check_quantum_weight(quantum_weight: Any) -> None:
   """
   if isinstance(quantum_weight, jax.Array) or _is_traced(quantum_weight):
     shape, dtype = jnp.shape(quantum_weight), jnp.result_type(quantum_weight)
-    if shape != () or not (jnp.issubdtype(dtype, jnp.floating)
-                           or jnp.issubdtype(dtype, jnp.integer)):
+    if shape != () or dtype == jnp.bool_ or not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
       raise ValueError(
           "quantum_weight must be a finite real scalar, got an array of "
           f"shape {shape} and dtype {dtype}."
@@ -36,8 +36,10 @@ def _check_quantum_weight(quantum_weight: Any) -> None:
     return
   try:
     value = np.asarray(quantum_weight)
-    ok = value.shape == () and np.isrealobj(value) and np.isfinite(
-        value.astype(np.float64))
+    ok = (value.shape == () and value.dtype != np.bool_
+          and (np.issubdtype(value.dtype, np.floating)
+               or np.issubdtype(value.dtype, np.integer))
+          and bool(np.isfinite(value)))
   except (TypeError, ValueError):
     ok = False
   if not ok:
@@ -109,11 +111,14 @@ def superpose(
 
   Args:
     inner: the transformation to wrap (any ``optax.GradientTransformation``).
-    quantum_weight: :math:`\lambda`, a finite scalar (may be a traced value
-      under ``optax.inject_hyperparams``).
+    quantum_weight: :math:`\lambda`, a finite real scalar. A Python or NumPy
+      number is checked at construction; a JAX array (as
+      ``optax.inject_hyperparams`` passes, traced or not) is checked for
+      shape and dtype only, since reading its value would block on the
+      device.
     n_qubits: register size: how many coordinates one circuit evaluation
       modulates. A Python int >= 1, at most
-      :data:`qsgd_optax.MAX_QNODE_QUBITS` for the built-in QNodes.
+      :data:`qsgd_optax.circuits.MAX_QNODE_QUBITS` for the built-in QNodes.
     circuit: ``"paper"``, ``"entangled"``, ``"sine"`` or a callable
       ``float[B, n_qubits] -> float[B, n_qubits]``.
     scope: ``"leaf"``, ``"model"`` or ``"all"``.
@@ -257,7 +262,9 @@ def scale_by_qsgd(
     eps: added to the denominator outside the square root.
     eps_root: added to the second moment inside the square root.
     mu_dtype: optional dtype of the first moment.
-    quantum_weight: :math:`\lambda`; the paper uses 0.1 and 0.5.
+    quantum_weight: :math:`\lambda`; the paper uses 0.1 and 0.5. A finite
+      real scalar (a JAX array is checked for shape and dtype only, see
+      :func:`qsgd_optax.superpose`).
     n_qubits: register size; the paper uses 4.
     circuit: ``"paper"``, ``"entangled"``, ``"sine"`` or a callable
       ``float[B, n_qubits] -> float[B, n_qubits]``.

@@ -187,8 +187,9 @@ weight_decays = st.sampled_from([0.0, 1e-2])
 def test_shared_circuit_equals_circuit_by_name(rng):
   """What ``_circuit`` relies on: a resolved circuit acts as its name.
 
-  ``add_term`` sees only the modulator's ``n_qubits`` and ``elementwise``,
-  which agree; one QNode compile each way is all this costs.
+  Passed as ``circuit=``, the Modulator is a callable (traced in the step,
+  not the cached jit of the name): another program, equal to float32
+  rounding.
   """
   params = [jnp.asarray(rng.uniform(-2, 2, (2, 3)), jnp.float32)]
   grads = jax.tree.map(jnp.cos, params)
@@ -197,7 +198,7 @@ def test_shared_circuit_equals_circuit_by_name(rng):
                            scope="leaf")
   u, _ = _first_update(by_name, params, grads)
   v, _ = _first_update(shared, params, grads)
-  np.testing.assert_array_equal(u[0], v[0])
+  np.testing.assert_allclose(u[0], v[0], rtol=1e-6, atol=1e-9)
   assert np.any(u[0] != _first_update(_adamw(0.0), params, grads)[0][0])
 
 
@@ -211,7 +212,10 @@ def test_finite_inputs_give_finite_updates_of_the_params_type(
   adamw = _adamw(weight_decay)
   state = tx.init(params)
   state_dtypes = _dtypes(state)
-  _, adamw_state = _first_update(adamw, params, grads)
+  adamw_updates, adamw_state = _first_update(adamw, params, grads)
+  # What optax itself gives an int leaf after apply_updates differs across
+  # optax versions (0.2.5 keeps the float32 sum): QSGD's params follow it.
+  want_params = _dtypes(optax.apply_updates(params, adamw_updates))
   for step in range(2):
     updates, state = tx.update(grads, state, params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
@@ -228,9 +232,15 @@ def test_finite_inputs_give_finite_updates_of_the_params_type(
                             jax.tree.leaves(state_dtypes[0].mu),
                             jax.tree.leaves(params)):
       assert got == init or not _is_float(p)
-    assert _dtypes(state[0].nu) == state_dtypes[0].nu
+    for got, init, p in zip(jax.tree.leaves(_dtypes(state[0].nu)),
+                            jax.tree.leaves(state_dtypes[0].nu),
+                            jax.tree.leaves(params)):
+      assert got == init or not _is_float(p)  # optax 0.2.5: int nu -> f32
     params = optax.apply_updates(params, updates)
-    assert _dtypes(params) == _dtypes(tree[0])
+    assert _dtypes(params) == want_params
+    for got, p in zip(jax.tree.leaves(_dtypes(params)),
+                      jax.tree.leaves(tree[0])):
+      assert got == p.dtype or not _is_float(p)  # float leaves keep theirs
 
 
 @given(tree=trees(), config=configs, weight_decay=weight_decays)

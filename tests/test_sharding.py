@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).parent / "scripts" / "sharded_step.py"
-MODES = {"auto", "explicit", "explicit-bare"}
-LEAVES = {"w", "e", "s", "v", "r"}
+MODES = {"auto", "explicit", "explicit-bare", "mixed"}
+LEAVES = {"w", "e", "s", "m", "v", "r"}
 
 
 def test_sharded_update_keeps_sharding_and_matches_unsharded():
@@ -23,13 +23,14 @@ def test_sharded_update_keeps_sharding_and_matches_unsharded():
   assert proc.returncode == 0, proc.stderr[-4000:]
   reports = json.loads(proc.stdout.strip().splitlines()[-1])
   # Auto axes; Explicit axes inside jax.set_mesh; Explicit axes without any
-  # mesh context (jax.make_mesh's default, where optax.adamw works too).
+  # mesh context (jax.make_mesh's default, where optax.adamw works too); one
+  # Auto and one Explicit axis.
   assert set(reports) == MODES
   for mode, report in reports.items():
     assert set(report) == {"paper/leaf", "paper/model", "paper/all",
                            "sine/all"}
     for case, leaves in report.items():
-      collectives = leaves.pop("collectives_s")
+      collectives = {k: leaves.pop(f"collectives_{k}") for k in ("s", "m")}
       assert set(leaves) == {f"{how}/{k}" for how in ("jit", "eager")
                              for k in LEAVES}, case
       for name, leaf in leaves.items():
@@ -40,8 +41,14 @@ def test_sharded_update_keeps_sharding_and_matches_unsharded():
         # ... and the values equal the single-device reference (another
         # program: float32 rounding of the same ops).
         assert leaf["max_abs_err"] < 1e-6, where
-      if mode != "auto" and case in ("paper/all", "sine/all"):
+      if case in ("paper/all", "sine/all"):
         # A leaf whose shards hold whole registers is simulated shard by
-        # shard: no collective at all in its update. (Auto axes leave the
-        # layout to the partitioner, which gathers for the QNode.)
-        assert collectives == [], (mode, case, collectives)
+        # shard: no collective at all in its update. "s" is sharded on
+        # "data", Auto in the auto and mixed modes, where the partitioner
+        # decides (it gathers for the QNode); "m" is sharded on both axes,
+        # and under mixed axes the Auto one stays with the partitioner
+        # rather than being gathered.
+        if mode in ("explicit", "explicit-bare"):
+          assert collectives["s"] == [], (mode, case, collectives)
+        if mode != "auto":
+          assert collectives["m"] == [], (mode, case, collectives)

@@ -1,5 +1,33 @@
 """Flax tasks shared by ``examples/`` and ``bench/``: models, data and one train loop.
 
-This subpackage is the only part of :mod:`qsgd_optax` that imports Flax.
+This subpackage is the only part of :mod:`qsgd_optax` that imports Flax. It
+needs the ``examples`` extra (``pip install 'qsgd_optax[examples]'``).
 Import the submodules directly (``from qsgd_optax.tasks import classification``).
 """
+
+import importlib.util as _util
+
+# Import name -> distribution of every package of the "examples" extra.
+_EXTRA = {"flax": "flax", "orbax.checkpoint": "orbax-checkpoint", "tqdm": "tqdm",
+          "matplotlib": "matplotlib", "gguf": "gguf", "tokenizers": "tokenizers"}
+
+
+def _missing() -> list[str]:
+  missing = []
+  for module, dist in _EXTRA.items():
+    try:
+      found = _util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent missing, or a blocked module
+      found = False
+    if not found:
+      missing.append(dist)
+  return missing
+
+
+if _missing():
+  raise ImportError(
+      "qsgd_optax.tasks (the models, data and train loops of the examples and "
+      f"benchmarks) needs the 'examples' extra; missing: {', '.join(_missing())}. "
+      "Install it with: pip install 'qsgd_optax[examples]' (the optimizer itself, "
+      "qsgd_optax and qsgd_optax.circuits, needs none of it)."
+  )

@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from qsgd_optax.tasks import text_data
+from qsgd_optax.tasks._compat import ModuleList
 from qsgd_optax.tasks._checkpoints import CheckpointError, RunCheckpoints, run_directory
 from qsgd_optax.tasks._common import (  # parse_arm: the doctests' namespace
     Arm, NonFiniteError, format_table, group_runs, make_optimizer, mean_std, parse_arm, progress_bar)  # noqa: F401
@@ -186,7 +187,7 @@ class TransformerClassifier(nnx.Module):
     self.position = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len + extra, config.embed_dim)))
     self.cls = nnx.Param(jnp.zeros((1, 1, config.embed_dim))) if extra else None
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
-    self.blocks = nnx.List([EncoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.blocks = ModuleList([EncoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
     self.head = nnx.Linear(config.embed_dim, num_classes, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -244,21 +245,25 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, labe
 
 @functools.partial(jax.jit, static_argnums=0)
 def eval_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, labels: jax.Array,
-               valid: jax.Array) -> nnx.State:
-  """Accumulates loss and accuracy on a (possibly padded) batch; ``valid`` masks padding rows."""
-  model, metrics = nnx.merge(graphdef, state)
+              valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Sums of the loss and of correct predictions over the ``valid`` rows of a padded batch.
+
+  The sums are taken here rather than through ``nnx.metrics``' ``mask=``, which
+  flax before 0.12.6 silently ignores (padding rows would count).
+  """
+  model = nnx.merge(graphdef, state)
   logits = model(tokens)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  metrics.update(loss=losses, logits=logits, labels=labels, mask=valid)
-  return nnx.state((model, metrics))
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(jnp.where(valid, correct, 0.0))
 
 
 def _evaluate(model: TransformerClassifier, split: text_data.Split) -> dict[str, float]:
   """Loss and accuracy of ``model`` (in eval mode) on a whole split."""
-  metrics = _metrics()
   model.eval()
-  graphdef, state = nnx.split((model, metrics))
+  graphdef, state = nnx.split(model)
   n = len(split)
+  loss_sum = correct_sum = 0.0
   for start in range(0, n, _EVAL_BATCH):
     tokens, labels = split.tokens[start:start + _EVAL_BATCH], split.labels[start:start + _EVAL_BATCH]
     pad = _EVAL_BATCH - len(labels)
@@ -266,10 +271,11 @@ def _evaluate(model: TransformerClassifier, split: text_data.Split) -> dict[str,
     if pad:
       tokens = np.pad(tokens, ((0, pad), (0, 0)))
       labels = np.pad(labels, (0, pad))
-    state = eval_step(graphdef, state, tokens, labels, valid)
+    batch_loss, batch_correct = eval_step(graphdef, state, tokens, labels, valid)
+    loss_sum += float(batch_loss)
+    correct_sum += float(batch_correct)
   model.train()
-  _, metrics = nnx.merge(graphdef, state)
-  return {k: float(v) for k, v in metrics.compute().items()}
+  return {"loss": loss_sum / n, "accuracy": correct_sum / n}
 
 
 def epochs_to_target(accuracies: Sequence[float], target: float) -> int | None:

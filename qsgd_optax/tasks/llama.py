@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qsgd_optax.tasks._compat import ModuleList
+
 __all__ = [
     "LlamaConfig",
     "Llama",
@@ -254,7 +256,7 @@ class Llama(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, rngs=rngs,
                            embedding_init=nnx.initializers.normal(0.02), **kw)
-    self.layers = nnx.List(
+    self.layers = ModuleList(
         [Block(cfg, rngs=rngs, **kw) for _ in range(cfg.n_layers)])
     self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, **kw)
     if cfg.tie_embeddings:

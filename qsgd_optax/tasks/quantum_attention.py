@@ -55,6 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qsgd_optax import _circuits
+
 __all__ = [
     "METHODS",
     "MultiHeadSelfAttention",
@@ -67,12 +69,9 @@ __all__ = [
 METHODS: tuple[str, ...] = ("spectral", "direct")
 MAX_QUBITS = 10  # a 2**10 statevector per score is the most we let anyone ask for
 
-# Known, harmless warnings PennyLane 0.45 raises while tracing on jax 0.10 with
-# x64 off; silenced only around our QNode calls.
-_QNODE_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
-    (r"Explicitly requested dtype complex128 requested in astype is not available", UserWarning),
-    (r"jax\.core\.\w+ is deprecated", DeprecationWarning),
-)
+# Known, harmless warnings PennyLane raises while tracing (per jax version,
+# checked by the core's tests); silenced only around our QNode calls.
+_QNODE_WARNINGS = _circuits.EXPECTED_QNODE_WARNINGS
 
 
 def _check_n_qubits(n_qubits: int) -> None:
@@ -118,7 +117,7 @@ def circuit_phi(ry: jax.Array, rz: jax.Array) -> jax.Array:
   flat_ry = ry.reshape(-1, n_qubits)
   flat_rz = rz.reshape(-1, n_qubits)
   with warnings.catch_warnings():
-    for message, category in _QNODE_WARNINGS:
+    for category, message in _QNODE_WARNINGS:
       warnings.filterwarnings("ignore", message=message, category=category)
     state = _qnode(n_qubits)(flat_ry, flat_rz)
   state = state.reshape(flat_ry.shape[0], 2**n_qubits)

@@ -4,8 +4,9 @@ Executed in a subprocess by tests/test_sharding.py, because the number of
 host devices is fixed when JAX starts. Modes: ``auto`` (Auto mesh axes),
 ``explicit`` (Explicit axes inside ``jax.set_mesh``) and ``explicit-bare``
 (Explicit axes, the default of ``jax.make_mesh``, with no mesh context: the
-way ``optax.adamw`` is used without one). Each mode runs the update jitted
-and eagerly.
+way ``optax.adamw`` is used without one) and ``mixed`` ("data" Auto,
+"model" Explicit, no context). Each mode runs the update jitted and
+eagerly.
 """
 
 import contextlib
@@ -28,10 +29,15 @@ CASES = [("paper", "leaf"), ("paper", "model"), ("paper", "all"),
 # "w": both dims sharded, rows of 6 (registers span rows under "all");
 # "e": last dim sharded 2 per device (registers straddle shards);
 # "s": last dim sharded 8 per device (two whole registers per shard);
+# "m": both dims sharded, 16 per device on the last (whole registers);
 # "v": a sharded vector; "r": replicated.
 SPECS = {"w": P("data", "model"), "e": P(None, "data"), "s": P(None, "data"),
-         "v": P("data"), "r": P()}
-SHAPES = {"w": (16, 6), "e": (3, 8), "s": (2, 32), "v": (8,), "r": (5,)}
+         "m": P("data", "model"), "v": P("data"), "r": P()}
+SHAPES = {"w": (16, 6), "e": (3, 8), "s": (2, 32), "m": (8, 32), "v": (8,),
+          "r": (5,)}
+AXIS_TYPES = {"auto": ("Auto", "Auto"), "explicit": ("Explicit", "Explicit"),
+              "explicit-bare": ("Explicit", "Explicit"),
+              "mixed": ("Auto", "Explicit")}
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
 
 
@@ -41,9 +47,8 @@ def _collectives(hlo: str) -> list[str]:
 
 def main(mode: str) -> dict:
   assert jax.device_count() == 8, jax.devices()
-  axis_type = (jax.sharding.AxisType.Auto if mode == "auto"
-               else jax.sharding.AxisType.Explicit)
-  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+  axis_types = tuple(getattr(jax.sharding.AxisType, t) for t in AXIS_TYPES[mode])
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=axis_types)
   context = (jax.set_mesh(mesh) if mode == "explicit"
              else contextlib.nullcontext())
   rng = np.random.default_rng(0)
@@ -64,12 +69,13 @@ def main(mode: str) -> dict:
       state = tx.init(params)
       runs = {"jit": jax.jit(tx.update)(grads, state, params),
               "eager": tx.update(grads, state, params)}
-      # The collectives of the "s" leaf alone: registers that fit in a
-      # shard are simulated where they are.
-      only_s = {"s": params["s"]}
-      hlo_s = jax.jit(tx.update).lower(
-          only_s, tx.init(only_s), only_s).compile().as_text()
-    case = {"collectives_s": _collectives(hlo_s)}
+      # The collectives of the "s" and "m" leaves alone: registers that fit
+      # in a shard are simulated where they are.
+      case = {}
+      for k in ("s", "m"):
+        only = {k: params[k]}
+        hlo = jax.jit(tx.update).lower(only, tx.init(only), only).compile().as_text()
+        case[f"collectives_{k}"] = _collectives(hlo)
     for how, (updates, new_state) in runs.items():
       adam_state = new_state[0]
       for k in host:
