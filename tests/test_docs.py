@@ -45,3 +45,9 @@ def test_circuits_page_runs():
   params = {"w": jnp.linspace(-1.0, 1.0, 6)}
   u, _ = ns["tx"].update(params, ns["tx"].init(params), params)
   assert bool(jnp.all(jnp.isfinite(u["w"])))
+
+
+def test_devices_page_runs_on_however_many_devices():
+  blocks = _blocks("devices_and_hosts.md")
+  assert len(blocks) == 1
+  exec(compile(blocks[0], "devices_and_hosts.md", "exec"), {})  # pylint: disable=exec-used

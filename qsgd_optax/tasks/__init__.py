@@ -24,10 +24,11 @@ def _missing() -> list[str]:
   return missing
 
 
-if _missing():
+_MISSING = _missing()
+if _MISSING:
   raise ImportError(
       "qsgd_optax.tasks (the models, data and train loops of the examples and "
-      f"benchmarks) needs the 'examples' extra; missing: {', '.join(_missing())}. "
+      f"benchmarks) needs the 'examples' extra; missing: {', '.join(_MISSING)}. "
       "Install it with: pip install 'qsgd_optax[examples]' (the optimizer itself, "
       "qsgd_optax and qsgd_optax.circuits, needs none of it)."
   )

@@ -275,6 +275,8 @@ def _evaluate(model: TransformerClassifier, split: text_data.Split) -> dict[str,
     loss_sum += float(batch_loss)
     correct_sum += float(batch_correct)
   model.train()
+  if n == 0:
+    return {"loss": float("nan"), "accuracy": float("nan")}
   return {"loss": loss_sum / n, "accuracy": correct_sum / n}
 
 
