@@ -164,19 +164,24 @@ def _combine(u, x, mask, coef, weight, multiplicative=False):
   0))``, so that ``u`` is used once.
   """
   dtype = jnp.promote_types(u.dtype, jnp.float32)
+  zero = 0
   if mask is not True and _explicit_sharding(u) is not None:
-    # Give the (replicated, broadcasting) mask the leaf's sharding: older jax
-    # requires select's operands to be sharded alike.
+    # Under explicit sharding older jax (0.7) wants select's operands sharded
+    # alike: give the mask, the scale and the zero the leaf's sharding
+    # (broadcasts, fused like the rest).
+    like_u = jnp.zeros_like(u, dtype=dtype)
     mask = mask & jnp.ones_like(u, dtype=bool)
+    coef = coef.astype(dtype) + like_u
+    zero = like_u
   if multiplicative:  # x is u: u * (1 + where(mask, w * coef, 0)), one use of u
     scale = weight * coef.astype(dtype)
     if mask is not True:
-      scale = jnp.where(mask, scale, 0)
+      scale = jnp.where(mask, scale, zero)
     return (u.astype(dtype) * (1 + scale)).astype(u.dtype)
   term = (weight * coef.astype(dtype)) * x.astype(dtype)
   if mask is True:
     return (u.astype(dtype) + term).astype(u.dtype)
-  return (u.astype(dtype) + jnp.where(mask, term, 0)).astype(u.dtype)
+  return (u.astype(dtype) + jnp.where(mask, term, zero)).astype(u.dtype)
 
 
 def _registers_local(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
