@@ -49,11 +49,7 @@ STATIC = ("n_qubits", "circuit", "scope", "modulate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
-      epilog=__doc__.split("\n\n", 1)[1],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+  parser = _common.docstring_parser(__doc__)
   parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                       help=f"output folder for summary.json and {PNG_NAME} (default: %(default)s)")
   parser.add_argument("--smoke", action="store_true",

@@ -27,8 +27,7 @@ def _check_quantum_weight(quantum_weight: Any) -> None:
   """
   if isinstance(quantum_weight, jax.Array) or _is_traced(quantum_weight):
     shape, dtype = jnp.shape(quantum_weight), jnp.result_type(quantum_weight)
-    if shape != () or dtype == jnp.bool_ or not (
-        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    if shape != () or not _is_real_number_dtype(dtype):
       raise ValueError(
           "quantum_weight must be a finite real scalar, got an array of "
           f"shape {shape} and dtype {dtype}."
@@ -36,9 +35,7 @@ def _check_quantum_weight(quantum_weight: Any) -> None:
     return
   try:
     value = np.asarray(quantum_weight)
-    ok = (value.shape == () and value.dtype != np.bool_
-          and (np.issubdtype(value.dtype, np.floating)
-               or np.issubdtype(value.dtype, np.integer))
+    ok = (value.shape == () and _is_real_number_dtype(value.dtype)
           and bool(np.isfinite(value)))
   except (TypeError, ValueError):
     ok = False
@@ -46,6 +43,12 @@ def _check_quantum_weight(quantum_weight: Any) -> None:
     raise ValueError(
         f"quantum_weight must be a finite real scalar, got {quantum_weight!r}."
     )
+
+
+def _is_real_number_dtype(dtype) -> bool:
+  """Floating or integer, not bool (NumPy and JAX dtypes alike)."""
+  return dtype != np.bool_ and (jnp.issubdtype(dtype, jnp.floating)
+                                or jnp.issubdtype(dtype, jnp.integer))
 
 
 def _is_traced(value: Any) -> bool:

@@ -316,6 +316,13 @@ def names_arg(accepted: Sequence[str], *, empty: str | None = None) -> Callable[
   return parse
 
 
+def docstring_parser(doc: str) -> argparse.ArgumentParser:
+  """An ArgumentParser whose description is ``doc``'s first paragraph and epilog the rest."""
+  return argparse.ArgumentParser(
+      description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_common_args(
     parser: argparse.ArgumentParser,
     *,
