@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import _stats  # noqa: E402  pylint: disable=wrong-import-position
-from qsgd_optax.tasks import _common, classification  # noqa: E402
+from qsgd_optax.tasks import arms, cli, reporting, running  # noqa: E402
+from qsgd_optax.tasks.classification import experiment, transformer  # noqa: E402
 
 ARMS = ("adamw,qsgd:0.1,qsgd:0.5,qsgd:0.5:preconditioned,qsgd:0.5:update,"
         "qsgd:0.5:gradient:paper:all")
@@ -68,22 +69,22 @@ def _setting(run: Mapping[str, Any]) -> str:
 def analyse(runs: Sequence[Mapping[str, Any]], target: float) -> list[dict[str, Any]]:
   """One row per (setting, arm): summaries and paired differences to AdamW."""
   rows = []
-  for setting, group in _common.group_runs(runs, "setting").items():
-    by_arm = _common.group_runs(group, "arm")
+  for setting, group in reporting.group_runs(runs, "setting").items():
+    by_arm = reporting.group_runs(group, "arm")
     control = by_arm.get("adamw", [])
     for arm, arm_runs in by_arm.items():
       epochs = arm_runs[0]["epochs"]
-      final = _common.mean_std(r["final_accuracy"] for r in arm_runs)
+      final = reporting.mean_std(r["final_accuracy"] for r in arm_runs)
       reached = [r for r in arm_runs if r["epochs_to_target"] is not None]
-      to_target = _common.mean_std(r["epochs_to_target"] for r in reached)
-      seconds = _common.mean_std(
+      to_target = reporting.mean_std(r["epochs_to_target"] for r in reached)
+      seconds = reporting.mean_std(
           r["epochs_to_target"] * r["steps_per_epoch"] * r["mean_step_time_s"] for r in reached)
       row = {"setting": setting, "arm": arm, "n": len(arm_runs), "target": target,
              "final_accuracy_mean": final[0], "final_accuracy_std": final[1],
              "epochs_to_target_mean": to_target[0], "epochs_to_target_std": to_target[1],
              "reached": len(reached), "never": len(arm_runs) - len(reached),
              "time_to_target_s_mean": seconds[0], "time_to_target_s_std": seconds[1],
-             "step_ms_mean": _common.mean_std(1e3 * r["mean_step_time_s"] for r in arm_runs)[0]}
+             "step_ms_mean": reporting.mean_std(1e3 * r["mean_step_time_s"] for r in arm_runs)[0]}
       if arm != "adamw" and control:
         acc = {r["seed"]: r["final_accuracy"] for r in arm_runs}
         acc0 = {r["seed"]: r["final_accuracy"] for r in control}
@@ -112,7 +113,7 @@ def _diff(d: Mapping[str, float] | None, digits: int) -> str:
 def tables(rows: Sequence[Mapping[str, Any]]) -> str:
   """Markdown tables, one per setting."""
   out = []
-  for setting, group in _common.group_runs(rows, "setting").items():
+  for setting, group in reporting.group_runs(rows, "setting").items():
     target = group[0]["target"]
     header = ["arm", "n", "final acc", f"epochs to {target:.0%}", "never", "s to target",
               "step ms", "acc diff vs adamw [95% CI] p", "epochs diff vs adamw [95% CI] p"]
@@ -134,17 +135,17 @@ def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
   paths = []
-  settings = _common.group_runs(runs, "setting")
+  settings = reporting.group_runs(runs, "setting")
   for setting, group in settings.items():
     name = setting.replace("/", "_")
-    paths.append(_common.plot_curves(
+    paths.append(reporting.plot_curves(
         group, out / f"curves_{name}.png",
         [("test_accuracy", "test accuracy"), ("train_loss", "training loss")],
         band="std", title=f"{setting}: mean +- std over seeds"))
   fig = Figure(figsize=(6.0 * len(settings), 4.0), layout="constrained")
   axes = fig.subplots(1, len(settings), squeeze=False)[0]
   for ax, (setting, group) in zip(axes, settings.items()):
-    by_arm = _common.group_runs(group, "arm")
+    by_arm = reporting.group_runs(group, "arm")
     epochs = group[0]["epochs"]
     rng = np.random.default_rng(0)
     for i, (arm, arm_runs) in enumerate(by_arm.items()):
@@ -171,14 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
       prog="convergence.py", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog=f"--smoke: {SMOKE}, data {SMOKE_DATA} (explicit options still win).")
-  _common.add_common_args(parser, optimizers=DEFAULTS["optimizers"], seeds=DEFAULTS["seeds"])
+  cli.add_common_args(parser, optimizers=DEFAULTS["optimizers"], seeds=DEFAULTS["seeds"])
   parser.set_defaults(optimizers=None, seeds=None)
-  parser.add_argument("--tasks", type=_common.names_arg(classification.TASKS), default=None,
-                      help=f"comma list from {classification.TASKS} (default: {DEFAULTS['tasks']})")
-  parser.add_argument("--attention", type=_common.names_arg(classification.ATTENTIONS),
+  parser.add_argument("--tasks", type=cli.names_arg(experiment.TASKS), default=None,
+                      help=f"comma list from {experiment.TASKS} (default: {DEFAULTS['tasks']})")
+  parser.add_argument("--attention", type=cli.names_arg(transformer.ATTENTIONS),
                       default=None,
-                      help=f"comma list from {classification.ATTENTIONS} (default: {DEFAULTS['attention']})")
-  parser.add_argument("--epochs", type=_common.int_arg(1), default=None,
+                      help=f"comma list from {transformer.ATTENTIONS} (default: {DEFAULTS['attention']})")
+  parser.add_argument("--epochs", type=cli.int_arg(1), default=None,
                       help=f"epochs per run (default: {DEFAULTS['epochs']})")
   parser.add_argument("--target-accuracy", type=float, default=0.9,
                       help="test accuracy that epochs_to_target waits for (default: %(default)s)")
@@ -193,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _fill(args: argparse.Namespace) -> argparse.Namespace:
   base = SMOKE if args.smoke else DEFAULTS
   if args.optimizers is None:
-    args.optimizers = _common.parse_arms(base["optimizers"])
+    args.optimizers = arms.parse_arms(base["optimizers"])
   if args.seeds is None:
-    args.seeds = _common.parse_seeds(base["seeds"])
+    args.seeds = arms.parse_seeds(base["seeds"])
   if args.tasks is None:
     args.tasks = tuple(base["tasks"].split(","))
   if args.attention is None:
@@ -216,7 +217,7 @@ _UNION = ("tasks", "attention", "optimizers", "seeds")
 def _previous(path: Path, args: argparse.Namespace,
               config: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """The runs kept by ``--resume`` and the merged config record."""
-  config = _common._jsonable(config)  # pylint: disable=protected-access
+  config = reporting._jsonable(config)  # pylint: disable=protected-access
   if not path.exists():
     return [], config
   summary = json.loads(path.read_text())
@@ -262,26 +263,26 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
     done = {(r["task"], r["attention"], r["seed"], r["arm"]) for r in runs}
     jobs = [job for job in jobs if (job[0], job[1], int(job[2]), job[3].label) not in done]
     print(f"resuming: {len(runs)} runs kept, {len(jobs)} to train")
-    _common.write_summary(args.out, runs, config_record)
+    reporting.write_summary(args.out, runs, config_record)
   datasets: dict[str, Any] = {}
-  bar = _common.progress_bar(jobs, desc="runs", disable=args.no_progress)
+  bar = running.progress_bar(jobs, desc="runs", disable=args.no_progress)
   for task, attention, seed, arm in bar:
     sizes = SMOKE_DATA if args.smoke else {}
     if task == "polarity":
       sizes = {"seq_len": sizes.get("seq_len", 48)}
-    config = classification.ClassificationConfig(
+    config = experiment.ClassificationConfig(
         task=task, attention=attention, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, target_accuracy=args.target_accuracy, **sizes)
     if task not in datasets:
-      datasets[task] = classification.load_task(config)
+      datasets[task] = experiment.load_task(config)
     data = datasets[task]
     bar.set_postfix_str(f"{task}/{attention} {arm.label} seed={seed}")
-    run = classification.train_and_evaluate(config, arm, seed, dataset=data)
+    run = experiment.train_and_evaluate(config, arm, seed, dataset=data)
     runs.append({**arm.record(), "seed": int(seed), "task": task, "attention": attention,
                  "setting": f"{task}/{attention}", "epochs": args.epochs,
                  "target_accuracy": args.target_accuracy,
                  "steps_per_epoch": len(data.train) // args.batch_size, **run})
-    _common.write_summary(args.out, runs, config_record)
+    reporting.write_summary(args.out, runs, config_record)
   return runs
 
 

@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qsgd_optax.tasks import _common
+from qsgd_optax.tasks import cli, reporting, running
 
 DEFAULTS = dict(leaves=32, pairs=200, warmup=5)
 SMOKE = dict(leaves=4, pairs=10, warmup=2)
@@ -49,16 +49,16 @@ STATIC = ("n_qubits", "circuit", "scope", "modulate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = _common.docstring_parser(__doc__)
+  parser = cli.docstring_parser(__doc__)
   parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                       help=f"output folder for summary.json and {PNG_NAME} (default: %(default)s)")
   parser.add_argument("--smoke", action="store_true",
                       help=f"tiny run for tests: {SMOKE['leaves']} leaves, {SMOKE['pairs']} pairs")
-  parser.add_argument("--leaves", type=_common.int_arg(1), default=None,
+  parser.add_argument("--leaves", type=cli.int_arg(1), default=None,
                       help=f"number of parameter arrays (default: {DEFAULTS['leaves']})")
-  parser.add_argument("--pairs", type=_common.int_arg(1), default=None,
+  parser.add_argument("--pairs", type=cli.int_arg(1), default=None,
                       help=f"interleaved adamw/qsgd pairs per mode (default: {DEFAULTS['pairs']})")
-  parser.add_argument("--warmup", type=_common.int_arg(0), default=None,
+  parser.add_argument("--warmup", type=cli.int_arg(0), default=None,
                       help=f"untimed calls per arm before timing (default: {DEFAULTS['warmup']})")
   return parser
 
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   qml.QNode.__init__ = counting_init
   runs = []
   try:
-    with _common.progress_bar(total=len(MODES) * args.pairs, desc="pairs") as bar:
+    with running.progress_bar(total=len(MODES) * args.pairs, desc="pairs") as bar:
       for mode in MODES:
         runs.append(time_mode(mode, args.leaves, args.pairs, args.warmup, bar))
   finally:
@@ -185,13 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   config = {**vars(args), "device": jax.devices()[0].device_kind,
             "machine": _cpu_model(),
             "jax": jax.__version__, "python": sys.version.split()[0]}
-  _common.write_summary(args.out, runs, config)
+  reporting.write_summary(args.out, runs, config)
   plot(runs, args.out / PNG_NAME)
   rows = [[r["mode"], f"{r['adamw_ms']:.3f}", f"{r['qsgd_ms']:.3f}", f"{r['ratio']:.3f}",
            "-" if r["target"] is None else f"<= {r['target']}",
            "-" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO")]
           for r in runs]
-  print(_common.format_table(["mode", "adamw ms", "qsgd ms", "ratio", "target", "met"], rows))
+  print(reporting.format_table(["mode", "adamw ms", "qsgd ms", "ratio", "target", "met"], rows))
   print(f"QNodes built: {qnodes}")
   return 0
 

@@ -3,7 +3,7 @@
 The paper fine-tunes Llama-3.2-1B-Instruct on GSM8K for one epoch and
 reports mean training loss: AdamW 0.2188, QSGD 0.2098 (quantum_weight 0.1),
 0.2097 (0.5), one run each. This benchmark runs the same recipe at CPU scale
-through ``qsgd_optax.tasks.lm.run_finetune`` (the code behind
+through ``qsgd_optax.tasks.lm.experiment.run_finetune`` (the code behind
 ``examples/finetune_lm.py``: SmolLM2-135M-Instruct, GSM-Symbolic problems,
 loss on answer tokens, warmup + linear decay, clipping 1.0, weight decay
 0.01, bf16 compute) for every arm and seed. A seed fixes the order of the
@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _stats  # noqa: E402  pylint: disable=wrong-import-position
-from qsgd_optax.tasks import _common  # noqa: E402
+from qsgd_optax.tasks import arms, cli, reporting  # noqa: E402
 
 PAPER = {"adamw": 0.2188, "qsgd:0.1": 0.2098, "qsgd:0.5": 0.2097}
 DEFAULTS = dict(model="smollm2-135m", optimizers="adamw,qsgd:0.1,qsgd:0.5,qsgd:0.5:update",
@@ -50,18 +50,18 @@ METRICS = (("mean_loss", "mean train loss"), ("eval_loss_after", "held-out loss 
 
 def analyse(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """One row per arm: mean +- std of each metric and paired differences to AdamW."""
-  by_arm = _common.group_runs(runs, "arm")
+  by_arm = reporting.group_runs(runs, "arm")
   control = by_arm.get("adamw", [])
   rows = []
   for arm, group in by_arm.items():
     row: dict[str, Any] = {"arm": arm, "n": len(group), "paper_mean_loss": PAPER.get(arm)}
     for key, _ in METRICS:
-      mean, std, _n = _common.mean_std(r[key] for r in group)
+      mean, std, _n = reporting.mean_std(r[key] for r in group)
       row[f"{key}_mean"], row[f"{key}_std"] = mean, std
       if arm != "adamw" and control:
         row[f"{key}_vs_adamw"] = _stats.paired({r["seed"]: r[key] for r in group},
                                                {r["seed"]: r[key] for r in control})
-    row["tokens_per_s"] = _common.mean_std(r["tokens_per_s"] for r in group)[0]
+    row["tokens_per_s"] = reporting.mean_std(r["tokens_per_s"] for r in group)[0]
     rows.append(row)
   return rows
 
@@ -90,16 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
       prog="lm.py", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog=f"--smoke: {SMOKE} (explicit options still win).")
-  _common.add_common_args(parser, optimizers=DEFAULTS["optimizers"], seeds=DEFAULTS["seeds"],
+  cli.add_common_args(parser, optimizers=DEFAULTS["optimizers"], seeds=DEFAULTS["seeds"],
                           learning_rate=DEFAULTS["lr"], batch_size=1)
   parser.set_defaults(optimizers=None, seeds=None, lr=None)
   parser.add_argument("--model", choices=("smollm2-135m", "tiny"), default=None,
                       help=f"pretrained SmolLM2 or a random tiny Llama (default: {DEFAULTS['model']})")
-  parser.add_argument("--examples", type=_common.int_arg(1), default=None,
+  parser.add_argument("--examples", type=cli.int_arg(1), default=None,
                       help=f"training problems, one epoch (default: {DEFAULTS['examples']})")
-  parser.add_argument("--test-examples", type=_common.int_arg(1), default=None,
+  parser.add_argument("--test-examples", type=cli.int_arg(1), default=None,
                       help=f"held-out problems (default: {DEFAULTS['test_examples']})")
-  parser.add_argument("--max-len", type=_common.int_arg(8), default=None,
+  parser.add_argument("--max-len", type=cli.int_arg(8), default=None,
                       help=f"context length (default: {DEFAULTS['max_len']})")
   parser.add_argument("--from", dest="from_dir", type=Path, default=None, metavar="DIR",
                       help="redraw the table and plot from DIR/summary.json, no training")
@@ -112,22 +112,22 @@ def _fill(args: argparse.Namespace) -> argparse.Namespace:
     if getattr(args, key) is None:
       setattr(args, key, base[key])
   if args.optimizers is None:
-    args.optimizers = _common.parse_arms(base["optimizers"])
+    args.optimizers = arms.parse_arms(base["optimizers"])
   if args.seeds is None:
-    args.seeds = _common.parse_seeds(base["seeds"])
+    args.seeds = arms.parse_seeds(base["seeds"])
   if args.out is None:
     args.out = DEFAULT_OUT
   return args
 
 
 def collect(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  from qsgd_optax.tasks import lm  # pylint: disable=import-outside-toplevel
+  from qsgd_optax.tasks.lm import experiment  # pylint: disable=import-outside-toplevel
 
-  config = lm.FinetuneConfig(model=args.model, examples=args.examples,
+  config = experiment.FinetuneConfig(model=args.model, examples=args.examples,
                              test_examples=args.test_examples, max_len=args.max_len,
                              batch_size=args.batch_size, learning_rate=args.lr)
   log = lambda msg: print(msg, file=sys.stderr, flush=True)  # pylint: disable=unnecessary-lambda-assignment
-  runs, info = lm.run_finetune(config, args.optimizers, args.seeds,
+  runs, info = experiment.run_finetune(config, args.optimizers, args.seeds,
                                progress=not args.no_progress, log=log)
   return runs, {"model": args.model, "examples": args.examples,
                 "test_examples": args.test_examples, "max_len": args.max_len,
@@ -147,14 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs, config = collect(args)
     config["total_wall_time_s"] = time.perf_counter() - start
     out = Path(args.out)
-    _common.write_summary(out, runs, config)
+    reporting.write_summary(out, runs, config)
   rows = analyse(runs)
   text = table(rows)
   print(text)
   out.mkdir(parents=True, exist_ok=True)
   (out / "table.md").write_text(text + "\n")
   (out / "analysis.json").write_text(json.dumps(rows, indent=2) + "\n")
-  png = _common.plot_curves(runs, out / "loss.png",
+  png = reporting.plot_curves(runs, out / "loss.png",
                             [("loss_smooth", "training loss (EMA 0.9, answer tokens)")],
                             xlabel="micro-step", band="std",
                             title="one epoch, mean +- std over seeds")

@@ -52,7 +52,7 @@ import numpy as np
 import optax
 
 import qsgd_optax
-from qsgd_optax.tasks import _common
+from qsgd_optax.tasks import arms, cli, reporting, running
 
 FORMS = ("gradient", "preconditioned", "update")
 ANALYTIC = ("parabola", "rosenbrock", "matrix_parabola", "least_squares")
@@ -144,12 +144,12 @@ def run_analytic(name: str, form: str | None, weights: Sequence[float],
 def run_classifier(form: str | None, weight: float | None, scale: float, seed: int,
                    epochs: int, dataset: Any) -> dict[str, Any]:
   """One classifier training run (the paper's model on the synthetic task)."""
-  from qsgd_optax.tasks import classification  # pylint: disable=import-outside-toplevel
+  from qsgd_optax.tasks.classification import experiment  # pylint: disable=import-outside-toplevel
 
-  config = classification.ClassificationConfig(epochs=epochs, loss_scale=float(scale))
-  arm = (_common.Arm("adamw") if form is None
-         else _common.Arm("qsgd", quantum_weight=weight, modulate=form))
-  run = classification.train_and_evaluate(config, arm, seed, dataset=dataset)
+  config = experiment.ClassificationConfig(epochs=epochs, loss_scale=float(scale))
+  arm = (arms.Arm("adamw") if form is None
+         else arms.Arm("qsgd", quantum_weight=weight, modulate=form))
+  run = experiment.train_and_evaluate(config, arm, seed, dataset=dataset)
   return {"final_loss": run["train_loss"][-1], "final_accuracy": run["final_accuracy"],
           "wall_time_s": run["wall_time_s"]}
 
@@ -202,14 +202,14 @@ def report(runs: Sequence[dict[str, Any]]) -> str:
   rows = [[form, f"{w:g}", f"{s:g}", c["ok"], c["stalled"], c["diverged"],
            f"{(c['stalled'] + c['diverged']) / sum(c.values()):.0%}"]
           for (form, w, s), c in sorted(counts.items())]
-  text = [_common.format_table(
+  text = [reporting.format_table(
       ["modulate", "weight", "scale", "ok", "stalled", "diverged", "failed"], rows)]
   per_problem: dict[tuple[str, str], dict[str, int]] = {}
   for r in outcomes(runs):
     cell = per_problem.setdefault((r["problem"], r["modulate"]), {"ok": 0, "stalled": 0, "diverged": 0})
     cell[r["outcome"]] += 1
   rows = [[p, f, c["ok"], c["stalled"], c["diverged"]] for (p, f), c in sorted(per_problem.items())]
-  text.append(_common.format_table(["problem", "modulate", "ok", "stalled", "diverged"], rows))
+  text.append(reporting.format_table(["problem", "modulate", "ok", "stalled", "diverged"], rows))
   return "\n\n".join(text)
 
 
@@ -276,15 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"quantum_weight values (default: {DEFAULTS['weights']})")
   parser.add_argument("--scales", type=_float_list, default=None,
                       help=f"loss scales (default: {DEFAULTS['scales']})")
-  parser.add_argument("--seeds", type=_common.int_arg(1), default=None,
+  parser.add_argument("--seeds", type=cli.int_arg(1), default=None,
                       help=f"seeds per analytic cell (default: {DEFAULTS['seeds']})")
-  parser.add_argument("--steps", type=_common.int_arg(1), default=None,
+  parser.add_argument("--steps", type=cli.int_arg(1), default=None,
                       help=f"steps on the analytic problems (default: {DEFAULTS['steps']})")
-  parser.add_argument("--problems", type=_common.names_arg(PROBLEMS), default=None,
+  parser.add_argument("--problems", type=cli.names_arg(PROBLEMS), default=None,
                       help=f"comma list from {', '.join(PROBLEMS)} (default: all)")
-  parser.add_argument("--classifier-seeds", type=_common.int_arg(1), default=None,
+  parser.add_argument("--classifier-seeds", type=cli.int_arg(1), default=None,
                       help=f"seeds per classifier cell (default: {DEFAULTS['classifier_seeds']})")
-  parser.add_argument("--classifier-epochs", type=_common.int_arg(1), default=None,
+  parser.add_argument("--classifier-epochs", type=cli.int_arg(1), default=None,
                       help=f"classifier epochs (default: {DEFAULTS['classifier_epochs']})")
   parser.add_argument("--circuit", choices=("sine", "paper"), default="sine",
                       help="circuit on the analytic problems (default: %(default)s)")
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _fill(args: argparse.Namespace) -> argparse.Namespace:
   base = SMOKE if args.smoke else DEFAULTS
   parsers = {"weights": _float_list, "scales": _float_list, "seeds": int, "steps": int,
-             "problems": _common.names_arg(PROBLEMS), "classifier_seeds": int, "classifier_epochs": int}
+             "problems": cli.names_arg(PROBLEMS), "classifier_seeds": int, "classifier_epochs": int}
   for key, parse in parsers.items():
     if getattr(args, key) is None:
       setattr(args, key, parse(base[key]) if isinstance(base[key], str) else base[key])
@@ -310,7 +310,7 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
   seeds = list(range(args.seeds))
   analytic = [p for p in args.problems if p in ANALYTIC]
   jobs = [(p, f) for p in analytic for f in (None,) + FORMS]
-  bar = _common.progress_bar(jobs, desc="analytic", disable=args.no_progress)
+  bar = running.progress_bar(jobs, desc="analytic", disable=args.no_progress)
   for problem, form in bar:
     start = time.perf_counter()
     losses = run_analytic(problem, form, args.weights, args.scales, seeds, args.steps, args.circuit)
@@ -325,13 +325,13 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
                        "final_loss": loss if math.isfinite(loss) else None,
                        "batch_wall_time_s": elapsed})
   if "classifier" in args.problems:
-    from qsgd_optax.tasks import classification  # pylint: disable=import-outside-toplevel
+    from qsgd_optax.tasks.classification import experiment  # pylint: disable=import-outside-toplevel
 
-    dataset = classification.load_task(classification.ClassificationConfig())
+    dataset = experiment.load_task(experiment.ClassificationConfig())
     cells = [(None, None)] + [(f, w) for f in FORMS for w in args.weights]
     jobs = [(f, w, s, seed) for f, w in cells for s in args.scales
             for seed in range(args.classifier_seeds)]
-    for form, w, s, seed in _common.progress_bar(jobs, desc="classifier", disable=args.no_progress):
+    for form, w, s, seed in running.progress_bar(jobs, desc="classifier", disable=args.no_progress):
       r = run_classifier(form, w, s, seed, args.classifier_epochs, dataset)
       loss = r["final_loss"]
       runs.append({"problem": "classifier", "optimizer": "adamw" if form is None else "qsgd",
@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.update(stall_factor=STALL_FACTOR, converged_floor=CONVERGED_FLOOR,
                   accuracy_gap=ACCURACY_GAP, total_wall_time_s=time.perf_counter() - start,
                   jax=jax.__version__, optax=optax.__version__, device=str(jax.devices()[0]))
-    _common.write_summary(out, runs, config)
+    reporting.write_summary(out, runs, config)
   table = report(runs)
   print(table)
   out = Path(out)

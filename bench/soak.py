@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qsgd_optax.tasks import _common, classification
+from qsgd_optax.tasks import arms, cli, reporting, running
+from qsgd_optax.tasks.classification import experiment, transformer
 
 DEFAULTS = dict(optimizers="adamw,qsgd:0.5:update,qsgd:0.5:preconditioned", steps=20_000,
                 every=500)
@@ -53,26 +54,26 @@ def _all_finite(tree: Any) -> bool:
   return bool(all(jnp.all(jnp.isfinite(x)) for x in leaves))
 
 
-def soak(arm: _common.Arm, steps: int, every: int, config: classification.ClassificationConfig,
+def soak(arm: arms.Arm, steps: int, every: int, config: experiment.ClassificationConfig,
          data: Any, seed: int = 0, progress: bool = True) -> dict[str, Any]:
   """Trains ``steps`` steps of ``arm`` and returns its soak record."""
-  model = classification.create_model(config, data, seed)
-  tx = _common.make_optimizer(arm, config.learning_rate)
+  model = transformer.create_model(config, data, seed)
+  tx = arms.make_optimizer(arm, config.learning_rate)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  metrics = classification._metrics()  # pylint: disable=protected-access
+  metrics = experiment._metrics()  # pylint: disable=protected-access
   model.train()
   graphdef, state = nnx.split((model, optimizer, metrics))
   batch = config.batch_size
   per_epoch = len(data.train) // batch
   shape = (batch, data.seq_len)
-  step = classification.train_step.lower(
+  step = experiment.train_step.lower(
       graphdef, state, jax.ShapeDtypeStruct(shape, jnp.int32),
       jax.ShapeDtypeStruct(shape[:1], jnp.int32)).compile()
   rng = np.random.default_rng(seed)
   samples: list[dict[str, Any]] = []
   first_nonfinite = None
   done, window_start = 0, time.perf_counter()
-  bar = _common.progress_bar(total=steps, desc=arm.label, disable=not progress, leave=False)
+  bar = running.progress_bar(total=steps, desc=arm.label, disable=not progress, leave=False)
   while done < steps:
     order = rng.permutation(len(data.train))[: per_epoch * batch]
     tokens = data.train.tokens[order].reshape(per_epoch, *shape)
@@ -114,34 +115,34 @@ def table(runs: Sequence[dict[str, Any]]) -> str:
   rows = [[r["arm"], r["steps"], r["first_nonfinite_step"] or "none", f"{r['final_loss']:.4f}",
            f"{r['rss_first_mb']:.0f} -> {r['rss_last_mb']:.0f} ({r['rss_growth_mb']:+.0f})",
            f"{r['step_ms_first']:.1f} -> {r['step_ms_last']:.1f} (x{r['drift']:.2f})"] for r in runs]
-  return _common.format_table(
+  return reporting.format_table(
       ["arm", "steps", "first non-finite", "final loss", "peak RSS MB", "step ms (drift)"], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="soak.py", description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  _common.add_common_args(parser, optimizers=DEFAULTS["optimizers"], seeds="0,")
+  cli.add_common_args(parser, optimizers=DEFAULTS["optimizers"], seeds="0,")
   parser.set_defaults(optimizers=None)
-  parser.add_argument("--steps", type=_common.int_arg(1), default=None,
+  parser.add_argument("--steps", type=cli.int_arg(1), default=None,
                       help=f"optimizer steps per arm (default: {DEFAULTS['steps']})")
-  parser.add_argument("--every", type=_common.int_arg(1), default=None,
+  parser.add_argument("--every", type=cli.int_arg(1), default=None,
                       help=f"sampling interval in steps (default: {DEFAULTS['every']})")
   args = parser.parse_args(argv)
   base = SMOKE if args.smoke else DEFAULTS
-  arms = args.optimizers or _common.parse_arms(base["optimizers"])
+  chosen = args.optimizers or arms.parse_arms(base["optimizers"])
   steps, every = args.steps or base["steps"], args.every or base["every"]
   out = args.out or DEFAULT_OUT
-  config = classification.ClassificationConfig(
+  config = experiment.ClassificationConfig(
       batch_size=args.batch_size, learning_rate=args.lr, **(SMOKE_DATA if args.smoke else {}))
-  data = classification.load_task(config)
+  data = experiment.load_task(config)
   start = time.perf_counter()
   runs = [soak(arm, steps, every, config, data, seed=args.seeds[0], progress=not args.no_progress)
-          for arm in arms]
+          for arm in chosen]
   text = table(runs)
   print(text)
-  _common.write_summary(out, runs, {"steps": steps, "every": every, "smoke": args.smoke,
-                                    "optimizers": [a.label for a in arms], "seed": args.seeds[0],
+  reporting.write_summary(out, runs, {"steps": steps, "every": every, "smoke": args.smoke,
+                                    "optimizers": [a.label for a in chosen], "seed": args.seeds[0],
                                     "wall_time_s": time.perf_counter() - start,
                                     "device": str(jax.devices()[0])})
   (Path(out) / "table.txt").write_text(text + "\n")
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r["step_ms"] = [s["step_ms"] for s in r["samples"]]
     r["loss"] = [s["loss"] for s in r["samples"]]
     r["x"] = [s["step"] for s in r["samples"]]
-  png = _common.plot_curves(runs, Path(out) / "soak.png",
+  png = reporting.plot_curves(runs, Path(out) / "soak.png",
                             [("loss", "training loss (window mean)"), ("step_ms", "ms per step")],
                             xlabel="step", x_key="x", band="none")
   print(f"\nwrote {Path(out) / 'summary.json'} and {png}")

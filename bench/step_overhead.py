@@ -46,15 +46,17 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
-from typing import Any
 
-from qsgd_optax.tasks import _common
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import LEARNING_RATE, QUANTUM_WEIGHT, WEIGHT_DECAY, OptimizerArm, TrainStepArm, interleave, warm_process  # noqa: E402
+from _trees import SEED, count_params, layout_for_size, parse_size, transformer_shapes  # noqa: E402
+
+from qsgd_optax.tasks import cli  # noqa: E402
 
 CIRCUITS = ("paper", "entangled", "sine")
 SCOPES = ("leaf", "model", "all")
@@ -75,11 +77,6 @@ SMOKE = dict(sizes="64k", combos="paper/leaf/gradient,sine/all/gradient",
 DEFAULT_OUT = Path("bench") / "results" / "step_overhead"
 PNG_NAME = "step_overhead.png"
 
-LEARNING_RATE = 1e-3
-WEIGHT_DECAY = 1e-4
-QUANTUM_WEIGHT = 0.5
-SEED = 0
-
 # Targets on the 2-core CPU this benchmark was written on. A ratio target
 # applies to (circuit, scope, modulate, size in params or None for every
 # size); the compile target to every "paper"-circuit case at 8M.
@@ -90,138 +87,6 @@ RATIO_TARGETS = (
 )
 COMPILE_TARGET = ("paper", 8_000_000, 1.0)  # circuit, size, extra seconds
 TRAIN_TARGET = (("paper", "leaf"), 1.02)  # full train step, any modulate
-
-_SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
-
-
-# --------------------------------------------------------------------------
-# Transformer-shaped pytrees.
-
-
-def parse_size(text: str) -> int:
-  """``"64k"``, ``"8M"``, ``"1.5M"`` or ``"250000"`` -> a parameter count."""
-  t = text.strip().lower()
-  mult = 1
-  if t and t[-1] in _SUFFIXES:
-    mult, t = _SUFFIXES[t[-1]], t[:-1]
-  try:
-    value = float(t) * mult
-  except ValueError:
-    value = float("nan")
-  if not math.isfinite(value) or value < 10_000 or value > 2_000_000_000:
-    raise ValueError(
-        f"expected a parameter count such as 64k, 8M or 250000 "
-        f"(10k to 2G), got {text!r}")
-  return int(round(value))
-
-
-def layout_for_size(n_params: int) -> tuple[int, int, int]:
-  """Chooses ``(d_model, n_layers, vocab)`` so the tree has about ``n_params``.
-
-  The layers take about 80% of the parameters (width a multiple of 16, or
-  of 32 from 256 on), the token embedding the rest.
-  """
-  if n_params < 256_000:
-    n_layers = 2
-  elif n_params < 4_000_000:
-    n_layers = 4
-  elif n_params < 16_000_000:
-    n_layers = 6
-  else:
-    n_layers = 8
-  d = math.sqrt(0.8 * n_params / (12 * n_layers))
-  step = 32 if d >= 256 else 16
-  d = max(16, int(round(d / step)) * step)
-  per_layer = 12 * d * d + 13 * d
-  vocab = max(16, int(round((n_params - n_layers * per_layer - 2 * d) / d)))
-  return d, n_layers, vocab
-
-
-def transformer_shapes(d: int, n_layers: int, vocab: int) -> dict[str, Any]:
-  """Nested dict of leaf shapes of a pre-norm transformer (no head).
-
-  Token embedding ``vocab x d``; per layer: q/k/v/o kernels ``d x d`` with
-  biases, MLP ``d x 4d`` and ``4d x d`` with biases, two LayerNorms (scale
-  and bias); a final LayerNorm. ``16 * n_layers + 3`` leaves and
-  ``vocab * d + n_layers * (12 d^2 + 13 d) + 2 d`` parameters.
-  """
-  def dense(n_in, n_out):
-    return {"kernel": (n_in, n_out), "bias": (n_out,)}
-
-  def norm():
-    return {"scale": (d,), "bias": (d,)}
-
-  tree: dict[str, Any] = {"embed": {"tokens": (vocab, d)}}
-  for i in range(n_layers):
-    tree[f"layer_{i:02d}"] = {
-        "attn": {name: dense(d, d) for name in ("q", "k", "v", "o")},
-        "ln1": norm(),
-        "mlp": {"up": dense(d, 4 * d), "down": dense(4 * d, d)},
-        "ln2": norm(),
-    }
-  tree["final_norm"] = norm()
-  return tree
-
-
-def _shape_leaves(shapes: Any) -> list[tuple[int, ...]]:
-  if isinstance(shapes, dict):
-    return [s for k in sorted(shapes) for s in _shape_leaves(shapes[k])]
-  return [tuple(shapes)]
-
-
-def count_params(shapes: Any) -> tuple[int, int]:
-  """``(parameters, leaves)`` of a shape tree from :func:`transformer_shapes`."""
-  leaves = _shape_leaves(shapes)
-  return sum(math.prod(s) for s in leaves), len(leaves)
-
-
-_HOST_CACHE: dict = {}
-
-
-def _host_trees(shapes: Any, seed: int):
-  """Params and grads as nested dicts of NumPy arrays (see :func:`make_trees`)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  key = (repr(shapes), seed)
-  if key in _HOST_CACHE:
-    return _HOST_CACHE[key]
-  _HOST_CACHE.clear()  # one layout at a time: 32M params are 256 MB here
-  rng_p = np.random.default_rng([seed, 0])
-  rng_g = np.random.default_rng([seed, 1])
-
-  def build(node, name):
-    if isinstance(node, dict):
-      return {k: build(node[k], k) for k in sorted(node)}
-    shape = tuple(node)
-    if name == "scale":
-      p = np.ones(shape, np.float32)
-    else:
-      p = 0.02 * rng_p.standard_normal(shape, dtype=np.float32)
-    return p
-
-  def build_g(node):
-    if isinstance(node, dict):
-      return {k: build_g(node[k]) for k in sorted(node)}
-    return 1e-2 * rng_g.standard_normal(tuple(node), dtype=np.float32)
-
-  _HOST_CACHE[key] = (build(shapes, ""), build_g(shapes))
-  return _HOST_CACHE[key]
-
-
-def make_trees(shapes: Any, seed: int = SEED):
-  """Params and grads on the device, deterministic in ``seed``.
-
-  Params: kernels, embeddings and biases ``0.02 * normal`` (biases nonzero
-  so the modulation is not trivially zero there), LayerNorm scales 1; grads
-  ``1e-2 * normal`` from an independent stream (NumPy ``default_rng``).
-  Each call returns new device buffers that alias no host memory: they are
-  donated to the step.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  params, grads = _host_trees(shapes, seed)
-  put = lambda t: jax.tree.map(lambda a: jax.device_put(a, may_alias=False), t)
-  return put(params), put(grads)
 
 
 # --------------------------------------------------------------------------
@@ -267,7 +132,7 @@ def _seconds_arg(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = _common.docstring_parser(__doc__)
+  parser = cli.docstring_parser(__doc__)
   parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                       help=f"output folder for summary.json and {PNG_NAME} (default: %(default)s)")
   parser.add_argument("--smoke", action="store_true",
@@ -279,17 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma list of circuit/scope/modulate with circuit in "
                            f"{'|'.join(CIRCUITS)}, scope in {'|'.join(SCOPES)}, modulate in "
                            f"{'|'.join(MODULATES)} (default: {DEFAULT_COMBOS})")
-  parser.add_argument("--pairs", type=_common.int_arg(1), default=None,
+  parser.add_argument("--pairs", type=cli.int_arg(1), default=None,
                       help=f"interleaved adamw/qsgd pairs per case (default: {DEFAULTS['pairs']})")
-  parser.add_argument("--warmup", type=_common.int_arg(0), default=None,
+  parser.add_argument("--warmup", type=cli.int_arg(0), default=None,
                       help=f"untimed calls per arm before timing (default: {DEFAULTS['warmup']})")
   parser.add_argument("--budget-s", type=_seconds_arg, default=None,
                       help="stop a case early once its timed time (both arms) passes this "
                            f"(default: {DEFAULTS['budget_s']:g})")
-  parser.add_argument("--train-steps", type=_common.names_arg(TRAIN_TASKS, empty="none"), default=None,
+  parser.add_argument("--train-steps", type=cli.names_arg(TRAIN_TASKS, empty="none"), default=None,
                       help="comma list of full Flax train steps to time too, from "
                            f"{'|'.join(TRAIN_TASKS)}, or 'none' (default: {DEFAULT_TRAIN})")
-  parser.add_argument("--min-pairs", type=_common.int_arg(1), default=None,
+  parser.add_argument("--min-pairs", type=cli.int_arg(1), default=None,
                       help=f"pairs run even past the budget (default: {DEFAULTS['min_pairs']})")
   return parser
 
@@ -305,86 +170,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if getattr(args, name) is None:
       setattr(args, name, preset[name])
   if args.train_steps is None:
-    args.train_steps = _common.names_arg(TRAIN_TASKS, empty="none")(preset["train_steps"])
+    args.train_steps = cli.names_arg(TRAIN_TASKS, empty="none")(preset["train_steps"])
   return args
-
-
-# --------------------------------------------------------------------------
-# Timing.
-
-
-def _make_tx(name: str, combo=None):
-  import optax  # pylint: disable=g-import-not-at-top
-  import qsgd_optax  # pylint: disable=g-import-not-at-top
-
-  if name == "adamw":
-    return optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-  circuit, scope, modulate = combo
-  return qsgd_optax.qsgd(LEARNING_RATE, quantum_weight=QUANTUM_WEIGHT,
-                         weight_decay=WEIGHT_DECAY, circuit=circuit,
-                         scope=scope, modulate=modulate)
-
-
-def _make_step(tx):
-  """A new step function (and so a new jit cache key) for ``tx``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-
-  @partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return step
-
-
-class _Arm:
-  """One optimizer on its own buffers: compiles, then steps on donated state."""
-
-  def __init__(self, name: str, combo, shapes):
-    import jax  # pylint: disable=g-import-not-at-top
-
-    self.name = name
-    tx = _make_tx(name, combo)  # fresh: its QNode has never been traced
-    self.params, self.grads = make_trees(shapes)
-    self.state = jax.jit(tx.init)(self.params)
-    jax.block_until_ready((self.params, self.state, self.grads))
-    self.step = _make_step(tx)
-    t0 = time.perf_counter()
-    self.step.lower(self.params, self.state, self.grads).compile()
-    self.compile_s = time.perf_counter() - t0
-    self.times_ms: list[float] = []
-
-  def call(self) -> float:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    t0 = time.perf_counter()
-    self.params, self.state = self.step(self.params, self.state, self.grads)
-    jax.block_until_ready((self.params, self.state))
-    return (time.perf_counter() - t0) * 1e3
-
-  def close(self) -> None:
-    del self.params, self.state, self.grads, self.step
-
-
-def _warm_process(combos) -> None:
-  """Compiles every optimizer once on a tiny tree, untimed.
-
-  The first trace in a process pays one-time costs (JAX, XLA and PennyLane
-  internals) that a training run pays once too; keeping them out of the
-  timed compiles makes compile_s comparable across cases.
-  """
-  shapes = transformer_shapes(16, 1, 16)
-  names = [("adamw", None)] + [("qsgd", c) for c in combos]
-  seen = set()
-  for name, combo in names:
-    key = (name, combo and combo[0])
-    if key in seen:
-      continue
-    seen.add(key)
-    arm = _Arm(name, combo, shapes)
-    arm.call()
-    arm.close()
 
 
 def check_targets(case: dict, n_params: int) -> dict[str, bool]:
@@ -407,9 +194,9 @@ def run_case(label: str, n_target: int, combo, args, device: str):
   d, n_layers, vocab = layout_for_size(n_target)
   shapes = transformer_shapes(d, n_layers, vocab)
   n_params, n_leaves = count_params(shapes)
-  adamw = _Arm("adamw", None, shapes)
-  qsgd = _Arm("qsgd", combo, shapes)
-  case, extras = _interleave(adamw, qsgd, args, f"{label} {'/'.join(combo)}", n_params,
+  adamw = OptimizerArm("adamw", None, shapes)
+  qsgd = OptimizerArm("qsgd", combo, shapes)
+  case, extras = interleave(adamw, qsgd, args, f"{label} {'/'.join(combo)}", n_params,
                              n_leaves, combo, device)
   targets = check_targets(case, n_target)
   if targets:
@@ -423,136 +210,11 @@ def run_case(label: str, n_target: int, combo, args, device: str):
   return case, extras
 
 
-def _interleave(adamw, qsgd, args, name, n_params, n_leaves, combo, device):
-  """Warm-up, then interleaved timed pairs; the case record and raw times."""
-  for _ in range(args.warmup):
-    adamw.call()
-    qsgd.call()
-  ratios, spent = [], 0.0
-  for _ in range(args.pairs):
-    a = adamw.call()
-    b = qsgd.call()
-    adamw.times_ms.append(a)
-    qsgd.times_ms.append(b)
-    ratios.append(b / a)
-    spent += (a + b) / 1e3
-    if spent > args.budget_s and len(ratios) >= args.min_pairs:
-      break
-  circuit, scope, modulate = combo
-  case = {
-      "name": name,
-      "params": n_params,
-      "leaves": n_leaves,
-      "circuit": circuit,
-      "scope": scope,
-      "modulate": modulate,
-      "adamw_ms": statistics.median(adamw.times_ms),
-      "qsgd_ms": statistics.median(qsgd.times_ms),
-      "ratio": statistics.median(ratios),
-      "adamw_min_ms": min(adamw.times_ms),
-      "adamw_max_ms": max(adamw.times_ms),
-      "qsgd_min_ms": min(qsgd.times_ms),
-      "qsgd_max_ms": max(qsgd.times_ms),
-      "pairs": len(ratios),
-      "compile_s_adamw": adamw.compile_s,
-      "compile_s_qsgd": qsgd.compile_s,
-      "device": device,
-      "target": None,
-      "meets_target": None,
-  }
-  extras = {
-      "adamw_times_ms": list(adamw.times_ms),
-      "qsgd_times_ms": list(qsgd.times_ms),
-      "pair_ratios": ratios,
-  }
-  return case, extras
-
-
-class _TrainArm:
-  """A full Flax train step (forward, backward, update) of an example's model.
-
-  ``classifier``: the paper's transformer classifier on the synthetic task,
-  batch 32 (``qsgd_optax.tasks.classification.train_step``, one jit).
-  ``lm``: the SmolLM2-135M architecture (random init, bf16 compute, f32
-  master weights), one 256-token row, the fine-tuning example's gradient
-  and update functions. ``smoke`` shrinks both models.
-  """
-
-  def __init__(self, task: str, name: str, combo, smoke: bool):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from qsgd_optax.tasks import _common  # pylint: disable=g-import-not-at-top
-
-    self.name = name
-    self.times_ms: list[float] = []
-    arm = (_common.Arm("adamw") if name == "adamw" else
-           _common.Arm("qsgd", QUANTUM_WEIGHT, combo[2], combo[0], combo[1]))
-    if task == "classifier":
-      from qsgd_optax.tasks import classification  # pylint: disable=g-import-not-at-top
-
-      small = dict(n_train=64, n_test=32, seq_len=16, embed_dim=16, ff_dim=32) if smoke else {}
-      config = classification.ClassificationConfig(**small)
-      data = classification.load_task(config)
-      model = classification.create_model(config, data, SEED)
-      optimizer = nnx.Optimizer(model, _common.make_optimizer(arm, 1e-3), wrt=nnx.Param)
-      model.train()
-      graphdef, self.state = nnx.split((model, optimizer, classification._metrics()))  # pylint: disable=protected-access
-      self.batch = (jnp.asarray(data.train.tokens[:32]), jnp.asarray(data.train.labels[:32]))
-      self.params_tree = nnx.state(model, nnx.Param)
-      t0 = time.perf_counter()
-      step = classification.train_step.lower(graphdef, self.state, *self.batch).compile()
-      self.compile_s = time.perf_counter() - t0
-
-      def call():
-        self.state = step(self.state, *self.batch)
-        return self.state
-    else:
-      from qsgd_optax.tasks import gsm_data, llama, lm  # pylint: disable=g-import-not-at-top
-
-      cfg = llama.LlamaConfig.tiny() if smoke else llama.LlamaConfig.smollm2_135m()
-      graphdef, self.params = lm.split_params(
-          llama.Llama(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(SEED)))
-      self.params_tree = self.params
-      tx = lm.make_optimizer(arm, learning_rate=2e-5, total_steps=1000, warmup_steps=100)
-      self.opt = jax.jit(tx.init)(self.params)
-      length = 64 if smoke else 256
-      rng = np.random.default_rng(SEED)
-      ids = rng.integers(3, cfg.vocab_size, size=length).astype("int32")
-      example = gsm_data.TokenizedExample(ids, np.arange(length) >= length // 3)
-      self.batch = lm.make_batches([example], length, batch_size=1, bucket=length)[0]
-      grad_fn, update_fn = lm.make_grad_fn(graphdef), lm.make_update_fn(tx)
-      t0 = time.perf_counter()
-      grad_c = grad_fn.lower(self.params, self.batch).compile()
-      grads = jax.eval_shape(grad_fn, self.params, self.batch)[1]
-      update_c = update_fn.lower(self.params, self.opt, grads).compile()
-      self.compile_s = time.perf_counter() - t0
-
-      def call():
-        _, g = grad_c(self.params, self.batch)
-        self.params, self.opt = update_c(self.params, self.opt, g)
-        return self.params, self.opt
-    self._call = call
-    leaves = jax.tree.leaves(self.params_tree)
-    self.n_params, self.n_leaves = sum(x.size for x in leaves), len(leaves)
-
-  def call(self) -> float:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    t0 = time.perf_counter()
-    jax.block_until_ready(self._call())
-    return (time.perf_counter() - t0) * 1e3
-
-  def close(self) -> None:
-    self.__dict__.clear()
-
-
 def run_train_case(task: str, combo, args, device: str):
   """Times the full train step of ``task``, AdamW vs QSGD ``combo``."""
-  adamw = _TrainArm(task, "adamw", None, args.smoke)
-  qsgd = _TrainArm(task, "qsgd", combo, args.smoke)
-  case, extras = _interleave(adamw, qsgd, args, f"train {task} {'/'.join(combo)}",
+  adamw = TrainStepArm(task, "adamw", None, args.smoke)
+  qsgd = TrainStepArm(task, "qsgd", combo, args.smoke)
+  case, extras = interleave(adamw, qsgd, args, f"train {task} {'/'.join(combo)}",
                              adamw.n_params, adamw.n_leaves, combo, device)
   (scope_circuit, limit) = TRAIN_TARGET
   targets = {}
@@ -662,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.pairs} pairs (budget {args.budget_s:g} s per case), "
         f"{args.warmup} warm-up calls", flush=True)
   t_start = time.perf_counter()
-  _warm_process(args.combos)
+  warm_process(args.combos)
   cases, runs = [], []
   bar = tqdm(cases_todo, desc="cases", unit="case", file=sys.stderr)
   for label, n, combo in bar:

@@ -47,21 +47,21 @@ import sys
 import time
 from collections.abc import Sequence
 
-from qsgd_optax.tasks import _common
+from qsgd_optax.tasks import arms, cli, reporting, running
 from qsgd_optax.tasks._checkpoints import CheckpointError
 
 DEFAULTS = dict(model="smollm2-135m", examples=48, test_examples=16,
                 max_len=512)
 SMOKE = dict(model="tiny", examples=24, test_examples=8, max_len=256,
-             lr=3e-3, seeds=_common.parse_seeds("1"),
-             optimizers=_common.parse_arms("adamw,qsgd:0.5"))
+             lr=3e-3, seeds=arms.parse_seeds("1"),
+             optimizers=arms.parse_arms("adamw,qsgd:0.5"))
 
 
 def _mesh_arg(text: str) -> dict[str, int]:
-  from qsgd_optax.tasks import lm  # pylint: disable=import-outside-toplevel
+  from qsgd_optax.tasks.lm import sharding  # pylint: disable=import-outside-toplevel
 
   try:
-    return lm.parse_mesh(text)
+    return sharding.parse_mesh(text)
   except ValueError as e:
     raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -83,24 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="--smoke: tiny random-init model, 24 examples, adamw and "
              "qsgd:0.5, one seed (explicit options still win).")
-  _common.add_common_args(parser, optimizers="adamw,qsgd:0.1,qsgd:0.5",
+  cli.add_common_args(parser, optimizers="adamw,qsgd:0.1,qsgd:0.5",
                           seeds="1", learning_rate=2e-5, batch_size=1)
   parser.add_argument("--model", choices=("smollm2-135m", "tiny"),
                       default=DEFAULTS["model"],
                       help="pretrained SmolLM2-135M-Instruct, or a tiny "
                            "random-init Llama with a byte tokenizer (no "
                            "download) (default: %(default)s)")
-  parser.add_argument("--examples", type=_common.int_arg(1),
+  parser.add_argument("--examples", type=cli.int_arg(1),
                       default=DEFAULTS["examples"],
                       help="training problems; one epoch (default: %(default)s)")
-  parser.add_argument("--test-examples", type=_common.int_arg(0),
+  parser.add_argument("--test-examples", type=cli.int_arg(0),
                       default=DEFAULTS["test_examples"],
                       help="held-out problems from unseen templates "
                            "(default: %(default)s)")
-  parser.add_argument("--max-len", type=_common.int_arg(8),
+  parser.add_argument("--max-len", type=cli.int_arg(8),
                       default=DEFAULTS["max_len"],
                       help="context length in tokens (default: %(default)s)")
-  parser.add_argument("--grad-accum", type=_common.int_arg(1), default=1,
+  parser.add_argument("--grad-accum", type=cli.int_arg(1), default=1,
                       help="micro-batches per optimizer update, via "
                            "optax.MultiSteps (default: %(default)s)")
   parser.add_argument("--warmup", type=_fraction_arg, default=0.1,
@@ -122,10 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--pack", action="store_true",
                       help="pack several examples per row (default: one "
                            "example per row, padded to a multiple of --bucket)")
-  parser.add_argument("--bucket", type=_common.int_arg(1), default=64,
+  parser.add_argument("--bucket", type=cli.int_arg(1), default=64,
                       help="padded row lengths are multiples of this "
                            "(default: %(default)s)")
-  parser.add_argument("--data-seed", type=_common.int_arg(0), default=0,
+  parser.add_argument("--data-seed", type=cli.int_arg(0), default=0,
                       help="seed of the problem set; --seeds only shuffle "
                            "its order (default: %(default)s)")
   parser.add_argument("--mesh", type=_mesh_arg, default=None,
@@ -135,12 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() first "
                            "(multi-host)")
-  parser.add_argument("--n-qubits", type=_common.int_arg(1), default=4,
+  parser.add_argument("--n-qubits", type=cli.int_arg(1), default=4,
                       help="QSGD register size (default: %(default)s)")
   parser.add_argument("--cache", default=None, metavar="DIR",
                       help="download cache (default: $QSGD_OPTAX_CACHE or "
                            "~/.cache/qsgd_optax)")
-  _common.add_long_run_args(parser, skipped="micro-batches")
+  cli.add_long_run_args(parser, skipped="micro-batches")
   return parser
 
 
@@ -173,9 +173,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the experiment and prints the table; returns the exit status."""
   args = parse_args(argv)
-  from qsgd_optax.tasks import lm  # pylint: disable=import-outside-toplevel
+  from qsgd_optax.tasks.lm import experiment  # pylint: disable=import-outside-toplevel
 
-  config = lm.FinetuneConfig(
+  config = experiment.FinetuneConfig(
       model=args.model, examples=args.examples,
       test_examples=args.test_examples, max_len=args.max_len,
       batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -191,16 +191,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   checkpoint_dir = (args.out / "checkpoints"
                     if args.checkpoint_every is not None or args.resume else None)
   try:
-    runs, info = lm.run_finetune(
+    runs, info = experiment.run_finetune(
         config, args.optimizers, args.seeds, progress=not args.no_progress,
         log=log, checkpoint_dir=checkpoint_dir,
         checkpoint_every=args.checkpoint_every, keep=args.keep,
         resume=args.resume)
-  except (CheckpointError, _common.NonFiniteError) as e:
+  except (CheckpointError, running.NonFiniteError) as e:
     print(f"finetune_lm.py: error: {e}", file=sys.stderr)
     return 1
   total = time.perf_counter() - start
-  print(lm.comparison_table(runs))
+  print(experiment.comparison_table(runs))
   steps = runs[0]["steps"] if runs else 0
   print(f"{info['n_train']} training examples, {steps} optimizer "
         f"steps per run, {info['n_test']} held-out examples; "
@@ -210,8 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "optimizers": [a.label for a in args.optimizers],
                       "seeds": list(args.seeds), "smoke": args.smoke,
                       "style": config.style, "total_wall_time": total, **info}
-    path = _common.write_summary(args.out, runs, summary_config)
-    png = _common.plot_curves(
+    path = reporting.write_summary(args.out, runs, summary_config)
+    png = reporting.plot_curves(
         runs, args.out / "loss.png",
         [("loss_smooth", "training loss (EMA 0.9, answer tokens)")],
         xlabel="micro-step", title=f"{config.model}: one epoch on "

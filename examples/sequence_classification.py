@@ -42,7 +42,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qsgd_optax.tasks import _common, classification
+from qsgd_optax.tasks import _checkpoints, arms, cli, reporting, running
+from qsgd_optax.tasks.classification import experiment, transformer
 
 DEFAULTS = dict(epochs=15, optimizers="adamw,qsgd:0.1,qsgd:0.5", seeds="0,1,2")
 SMOKE = dict(epochs=2, optimizers="adamw,qsgd:0.5", seeds="0,", n_train=256, n_test=128, seq_len=16)
@@ -66,34 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog=f"--smoke: {SMOKE['n_train']} training sequences of length {SMOKE['seq_len']}, "
              f"{SMOKE['epochs']} epochs, arms {SMOKE['optimizers']}, seed 0 (explicit options still win).")
-  _common.add_common_args(parser, optimizers=DEFAULTS["optimizers"], seeds=DEFAULTS["seeds"])
-  parser.add_argument("--task", choices=classification.TASKS, default="synthetic",
+  cli.add_common_args(parser, optimizers=DEFAULTS["optimizers"], seeds=DEFAULTS["seeds"])
+  parser.add_argument("--task", choices=experiment.TASKS, default="synthetic",
                       help="synthetic order task, or real movie-review polarity (default: %(default)s)")
-  parser.add_argument("--attention", choices=classification.ATTENTIONS, default="standard",
+  parser.add_argument("--attention", choices=transformer.ATTENTIONS, default="standard",
                       help="standard softmax attention, or with the quantum score bias (default: %(default)s)")
   parser.add_argument("--quantum-method", choices=("spectral", "direct"), default="spectral",
                       help="how the quantum bias is evaluated; both exact, 'direct' runs the QNode on "
                            "every score and is much slower (default: %(default)s)")
-  parser.add_argument("--pooling", choices=classification.POOLINGS, default="mean",
+  parser.add_argument("--pooling", choices=transformer.POOLINGS, default="mean",
                       help="sequence pooling (default: %(default)s)")
-  parser.add_argument("--epochs", type=_common.int_arg(1), default=None,
+  parser.add_argument("--epochs", type=cli.int_arg(1), default=None,
                       help=f"training epochs (default: {DEFAULTS['epochs']})")
   parser.add_argument("--target-accuracy", type=_fraction_arg, default=0.9,
                       help="test accuracy that epochs_to_target waits for (default: %(default)s)")
   parser.add_argument("--weight-decay", type=float, default=0.0,
                       help="decoupled weight decay (default: %(default)s)")
-  _common.add_long_run_args(parser)
+  cli.add_long_run_args(parser)
   # None marks "not given", so --smoke can fill in its own values.
   parser.set_defaults(optimizers=None, seeds=None)
   return parser
 
 
-def make_config(args: argparse.Namespace) -> classification.ClassificationConfig:
+def make_config(args: argparse.Namespace) -> experiment.ClassificationConfig:
   """The run configuration from parsed arguments (``--smoke`` shrinks the data)."""
   sizes = {k: SMOKE[k] for k in ("n_train", "n_test", "seq_len")} if args.smoke else {}
   if args.task == "polarity":
     sizes = {"seq_len": sizes.get("seq_len", 48)}
-  return classification.ClassificationConfig(
+  return experiment.ClassificationConfig(
       task=args.task, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
       weight_decay=args.weight_decay, target_accuracy=args.target_accuracy, pooling=args.pooling,
       attention=args.attention, quantum_method=args.quantum_method,
@@ -103,9 +104,9 @@ def make_config(args: argparse.Namespace) -> classification.ClassificationConfig
 def _fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
   base = SMOKE if args.smoke else DEFAULTS
   if args.optimizers is None:
-    args.optimizers = _common.parse_arms(base["optimizers"])
+    args.optimizers = arms.parse_arms(base["optimizers"])
   if args.seeds is None:
-    args.seeds = _common.parse_seeds(base["seeds"])
+    args.seeds = arms.parse_seeds(base["seeds"])
   if args.epochs is None:
     args.epochs = base["epochs"]
   if args.out is None:
@@ -117,33 +118,33 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _fill_defaults(build_parser().parse_args(argv))
   config = make_config(args)
   start = time.perf_counter()
-  dataset = classification.load_task(config)
+  dataset = experiment.load_task(config)
   print(f"task {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test sequences of length "
         f"{dataset.seq_len}, vocab {dataset.vocab_size}; {config.attention} attention; "
         f"arms {', '.join(a.label for a in args.optimizers)}; seeds {list(args.seeds)}", flush=True)
 
   checkpoint_dir = args.out / "checkpoints" if args.checkpoint_every or args.resume else None
 
-  def run_one(arm: _common.Arm, seed: int) -> dict:
-    return classification.train_and_evaluate(
+  def run_one(arm: arms.Arm, seed: int) -> dict:
+    return experiment.train_and_evaluate(
         config, arm, seed, dataset=dataset, progress=not args.no_progress, checkpoint_dir=checkpoint_dir,
         checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume)
 
   try:
-    runs = _common.run_arms(args.optimizers, args.seeds, run_one, progress=not args.no_progress)
-  except (classification.CheckpointError, classification.NonFiniteError) as e:
+    runs = running.run_arms(args.optimizers, args.seeds, run_one, progress=not args.no_progress)
+  except (_checkpoints.CheckpointError, running.NonFiniteError) as e:
     print(f"sequence_classification.py: error: {e}", file=sys.stderr)
     return 1
   total = time.perf_counter() - start
   print()
-  print(classification.comparison_table(runs, config.target_accuracy))
+  print(experiment.comparison_table(runs, config.target_accuracy))
   print(f"\ntotal wall time {total:.0f} s")
 
   summary_config = {**dataclasses.asdict(config), "optimizers": [a.label for a in args.optimizers],
                     "seeds": list(args.seeds), "smoke": args.smoke, "data": dataset.info,
                     "total_wall_time_s": total}
-  path = _common.write_summary(args.out, runs, summary_config)
-  png = _common.plot_curves(
+  path = reporting.write_summary(args.out, runs, summary_config)
+  png = reporting.plot_curves(
       runs, args.out / "curves.png",
       [("test_accuracy", "test accuracy"), ("train_loss", "training loss")],
       title=f"{dataset.name} task, {config.attention} attention (mean over seeds, min-max band)")

@@ -27,10 +27,11 @@ def test_all_finite_detects_nan_and_inf_but_ignores_ints():
 
 
 def test_soak_record_is_consistent():
-  from qsgd_optax.tasks import _common, classification
-  config = classification.ClassificationConfig(**soak.SMOKE_DATA)
-  data = classification.load_task(config)
-  r = soak.soak(_common.parse_arm("qsgd:0.5:update"), 25, 10, config, data, progress=False)
+  from qsgd_optax.tasks import arms
+  from qsgd_optax.tasks.classification import experiment
+  config = experiment.ClassificationConfig(**soak.SMOKE_DATA)
+  data = experiment.load_task(config)
+  r = soak.soak(arms.parse_arm("qsgd:0.5:update"), 25, 10, config, data, progress=False)
   assert [s["step"] for s in r["samples"]] == [10, 20, 25]
   assert r["first_nonfinite_step"] is None and all(s["finite"] for s in r["samples"])
   assert math.isfinite(r["final_loss"]) and r["final_loss"] == r["samples"][-1]["loss"]

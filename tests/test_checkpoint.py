@@ -17,12 +17,13 @@ import jax
 import numpy as np
 import pytest
 
-from qsgd_optax.tasks import _common, classification, text_data
+from qsgd_optax.tasks import arms
+from qsgd_optax.tasks.classification import experiment, text_data
 
 pytest.importorskip("orbax.checkpoint")
 
 SMALL = dict(n_train=128, n_test=32, seq_len=12, embed_dim=16, ff_dim=32, num_layers=1, epochs=2)
-ARM = _common.parse_arm("qsgd:0.5")  # optimizer state: ScaleByAdamState plus the chain's other states
+ARM = arms.parse_arm("qsgd:0.5")  # optimizer state: ScaleByAdamState plus the chain's other states
 HISTORY = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
 
@@ -32,12 +33,12 @@ def data() -> text_data.TextDataset:
 
 
 @pytest.fixture(scope="module")
-def config() -> classification.ClassificationConfig:
-  return classification.ClassificationConfig(**SMALL)
+def config() -> experiment.ClassificationConfig:
+  return experiment.ClassificationConfig(**SMALL)
 
 
 def _run(config, data, **kwargs):
-  return classification.train_and_evaluate(config, ARM, seed=0, dataset=data, return_state=True, **kwargs)
+  return experiment.train_and_evaluate(config, ARM, seed=0, dataset=data, return_state=True, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_interrupted_run_resumes_bit_identical(config, data, reference, tmp_path
 
   with pytest.raises(_Interrupt):
     _run(config, data, checkpoint_dir=tmp_path, checkpoint_every=3, on_step=stop_after_7)
-  run_dir = classification.checkpoint_path(tmp_path, ARM, 0)
+  run_dir = experiment.checkpoint_path(tmp_path, ARM, 0)
   assert run_dir.name == "qsgd_0.5-seed0"
   assert sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit()) == [3, 4, 6]  # keep=3
 
@@ -109,7 +110,7 @@ def test_one_epoch_then_resume_to_two_equals_two_epochs(config, data, reference,
 
 def test_incomplete_save_is_ignored(config, data, one_epoch, tmp_path):
   record, state, root = one_epoch
-  run_dir = classification.checkpoint_path(_copy(root, tmp_path), ARM, 0)
+  run_dir = experiment.checkpoint_path(_copy(root, tmp_path), ARM, 0)
   # A save of step 4 killed before its commit, and one killed while still in Orbax's temporary directory.
   (run_dir / "4" / "commit_success.txt").unlink()
   tmp = run_dir / "6.orbax-checkpoint-tmp-1700000000000000"
@@ -143,15 +144,15 @@ def test_incompatible_or_unrequested_resume_is_refused(config, data, one_epoch, 
   with pytest.raises(ValueError) as info:
     _run(other, data, checkpoint_dir=ckpt, resume=True)
   message = str(info.value)
-  assert message.startswith(f"cannot resume from {classification.checkpoint_path(ckpt, ARM, 0).resolve()}: ")
+  assert message.startswith(f"cannot resume from {experiment.checkpoint_path(ckpt, ARM, 0).resolve()}: ")
   assert "checkpoint has task 'synthetic', this run asks for 'polarity'" in message
   assert "checkpoint has embed_dim 16, this run asks for 32" in message
   assert "ff_dim" not in message and "epochs" not in message
   # Another arm's directory holding these checkpoints (say, renamed by hand).
-  adamw = _common.parse_arm("adamw")
-  shutil.copytree(classification.checkpoint_path(ckpt, ARM, 0), classification.checkpoint_path(ckpt, adamw, 0))
+  adamw = arms.parse_arm("adamw")
+  shutil.copytree(experiment.checkpoint_path(ckpt, ARM, 0), experiment.checkpoint_path(ckpt, adamw, 0))
   with pytest.raises(ValueError, match="checkpoint has optimizer 'qsgd:0.5', this run asks for 'adamw'"):
-    classification.train_and_evaluate(config, adamw, seed=0, dataset=data, checkpoint_dir=ckpt, resume=True)
+    experiment.train_and_evaluate(config, adamw, seed=0, dataset=data, checkpoint_dir=ckpt, resume=True)
 
 
 @pytest.mark.parametrize("bad", [["--checkpoint-every", "0"], ["--checkpoint-every", "-2"], ["--keep", "0"]])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qsgd_optax.tasks import _common, classification, text_data
+from qsgd_optax.tasks import arms, running
+from qsgd_optax.tasks.classification import experiment, text_data, transformer
 
 TINY = dict(n_train=96, n_test=40, seq_len=10, epochs=2)
 
@@ -25,8 +26,8 @@ def tiny_data() -> text_data.TextDataset:
     [pytest.param("mean", "standard", id="mean-standard"), pytest.param("cls", "quantum", id="cls-quantum")],
 )
 def test_model_shapes_and_padding_invariance(pooling, attention):
-  config = classification.ClassificationConfig(pooling=pooling, attention=attention)
-  model = classification.TransformerClassifier(config, vocab_size=20, num_classes=3, max_len=8, rngs=nnx.Rngs(0))
+  config = experiment.ClassificationConfig(pooling=pooling, attention=attention)
+  model = transformer.TransformerClassifier(config, vocab_size=20, num_classes=3, max_len=8, rngs=nnx.Rngs(0))
   model.eval()
   tokens = jnp.asarray([[5, 6, 7, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]], dtype=jnp.int32)
   apply = nnx.jit(lambda m, t: m(t))
@@ -38,18 +39,18 @@ def test_model_shapes_and_padding_invariance(pooling, attention):
 
 
 def test_paper_configuration_is_the_default():
-  config = classification.ClassificationConfig()
+  config = experiment.ClassificationConfig()
   paper = (config.embed_dim, config.num_heads, config.ff_dim, config.num_layers, config.dropout,
            config.batch_size, config.learning_rate, config.weight_decay)
   assert paper == (64, 4, 128, 2, 0.1, 32, 1e-3, 0.0)
-  model = classification.create_model(config, text_data.make_synthetic(4, 4), seed=0)
+  model = transformer.create_model(config, text_data.make_synthetic(4, 4), seed=0)
   params = nnx.state(model, nnx.Param)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
 
 
 def test_dropout_is_active_in_train_mode_only():
-  config = classification.ClassificationConfig()
-  model = classification.create_model(config, text_data.make_synthetic(4, 4, seq_len=8), seed=0)
+  config = experiment.ClassificationConfig()
+  model = transformer.create_model(config, text_data.make_synthetic(4, 4, seq_len=8), seed=0)
   tokens = jnp.arange(1, 9, dtype=jnp.int32)[None]
   model.train()
   a, b = model(tokens), model(tokens)
@@ -75,27 +76,27 @@ def test_dropout_is_active_in_train_mode_only():
 )
 def test_config_rejects_bad_values(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    classification.ClassificationConfig(**kwargs)
+    experiment.ClassificationConfig(**kwargs)
 
 
 def test_epochs_to_target():
-  assert classification.epochs_to_target([0.5, 0.89, 0.9, 0.8], 0.9) == 3
-  assert classification.epochs_to_target([0.5, 0.89], 0.9) is None
-  assert classification.epochs_to_target([], 0.9) is None
+  assert experiment.epochs_to_target([0.5, 0.89, 0.9, 0.8], 0.9) == 3
+  assert experiment.epochs_to_target([0.5, 0.89], 0.9) is None
+  assert experiment.epochs_to_target([], 0.9) is None
 
 
 def test_train_step_updates_everything_including_circuit_angles(tiny_data):
-  config = classification.ClassificationConfig(attention="quantum", **TINY)
-  model = classification.create_model(config, tiny_data, seed=0)
+  config = experiment.ClassificationConfig(attention="quantum", **TINY)
+  model = transformer.create_model(config, tiny_data, seed=0)
   before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
-  tx = _common.make_optimizer(_common.parse_arm("qsgd:0.5"), 1e-2)
+  tx = arms.make_optimizer(arms.parse_arm("qsgd:0.5"), 1e-2)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  metrics = classification._metrics()
+  metrics = experiment._metrics()
   model.train()
   graphdef, state = nnx.split((model, optimizer, metrics))
   batch = tiny_data.train.tokens[:32], tiny_data.train.labels[:32]
-  state = classification.train_step(graphdef, state, *batch)
-  state = classification.train_step(graphdef, state, *batch)
+  state = experiment.train_step(graphdef, state, *batch)
+  state = experiment.train_step(graphdef, state, *batch)
   model, optimizer, metrics = nnx.merge(graphdef, state)
   after = nnx.state(model, nnx.Param)
   changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), after, before)
@@ -108,8 +109,8 @@ def test_train_step_updates_everything_including_circuit_angles(tiny_data):
 
 
 def test_train_and_evaluate_record(tiny_data):
-  config = classification.ClassificationConfig(**TINY, target_accuracy=0.05)
-  run = classification.train_and_evaluate(config, _common.parse_arm("adamw"), seed=0, dataset=tiny_data)
+  config = experiment.ClassificationConfig(**TINY, target_accuracy=0.05)
+  run = experiment.train_and_evaluate(config, arms.parse_arm("adamw"), seed=0, dataset=tiny_data)
   for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
     assert len(run[key]) == 2 and all(math.isfinite(v) for v in run[key])
   assert run["final_accuracy"] == run["test_accuracy"][-1]
@@ -122,11 +123,11 @@ def test_train_and_evaluate_record(tiny_data):
 
 
 def test_train_and_evaluate_is_reproducible_per_seed(tiny_data):
-  config = classification.ClassificationConfig(**TINY)
-  arm = _common.parse_arm("qsgd:0.5")
-  a = classification.train_and_evaluate(config, arm, seed=1, dataset=tiny_data)
-  b = classification.train_and_evaluate(config, arm, seed=1, dataset=tiny_data)
-  c = classification.train_and_evaluate(config, arm, seed=2, dataset=tiny_data)
+  config = experiment.ClassificationConfig(**TINY)
+  arm = arms.parse_arm("qsgd:0.5")
+  a = experiment.train_and_evaluate(config, arm, seed=1, dataset=tiny_data)
+  b = experiment.train_and_evaluate(config, arm, seed=1, dataset=tiny_data)
+  c = experiment.train_and_evaluate(config, arm, seed=2, dataset=tiny_data)
   assert a["train_loss"] == b["train_loss"] and a["test_accuracy"] == b["test_accuracy"]
   assert a["train_loss"] != c["train_loss"]
 
@@ -136,20 +137,20 @@ def test_training_learns_the_synthetic_task():
   # It sits on a plateau near chance for ~4 epochs, then learns the order rule
   # (measured: test accuracy 0.92 at epoch 6, 0.95 at epoch 8).
   data = text_data.make_synthetic(1024, 200, seq_len=12, markers_per_class=1, seed=0)
-  config = classification.ClassificationConfig(epochs=8, n_train=1024, n_test=200, seq_len=12,
+  config = experiment.ClassificationConfig(epochs=8, n_train=1024, n_test=200, seq_len=12,
                                                learning_rate=3e-3)
-  run = classification.train_and_evaluate(config, _common.parse_arm("adamw"), seed=0, dataset=data)
+  run = experiment.train_and_evaluate(config, arms.parse_arm("adamw"), seed=0, dataset=data)
   assert run["train_loss"][-1] < run["train_loss"][0] - 0.2
   assert run["best_accuracy"] >= 0.8
 
 
 def test_comparison_table():
   def run(arm, seed, final, epochs):
-    return {**_common.parse_arm(arm).record(), "seed": seed, "final_accuracy": final,
+    return {**arms.parse_arm(arm).record(), "seed": seed, "final_accuracy": final,
             "epochs_to_target": epochs, "mean_step_time_s": 0.01}
 
   runs = [run("adamw", 0, 0.91, 7), run("adamw", 1, 0.93, 9), run("qsgd:0.5", 0, 0.8, None)]
-  table = classification.comparison_table(runs, 0.9).splitlines()
+  table = experiment.comparison_table(runs, 0.9).splitlines()
   assert table[0].split()[:2] == ["arm", "seeds"] and "epochs to 90%" in table[0]
   assert table[2].startswith("adamw") and "0.920 +- 0.014" in table[2] and "8.0 +- 1.4 (2/2)" in table[2]
   assert table[3].startswith("qsgd:0.5") and "0.800" in table[3] and "- (0/1)" in table[3]
@@ -159,12 +160,12 @@ def test_comparison_table():
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run():
   data = text_data.make_synthetic(128, 32, seq_len=12, markers_per_class=1, seed=0)
   small = dict(n_train=128, n_test=32, seq_len=12, embed_dim=16, ff_dim=32, num_layers=1, epochs=2)
-  arm = _common.parse_arm("qsgd:0.5")
+  arm = arms.parse_arm("qsgd:0.5")
   # A finite run: the wrapper counts nothing and changes nothing.
-  plain = classification.train_and_evaluate(classification.ClassificationConfig(**small), arm, 0,
+  plain = experiment.train_and_evaluate(experiment.ClassificationConfig(**small), arm, 0,
                                             dataset=data)
-  guarded = classification.train_and_evaluate(
-      classification.ClassificationConfig(**small, max_nonfinite=3), arm, 0, dataset=data)
+  guarded = experiment.train_and_evaluate(
+      experiment.ClassificationConfig(**small, max_nonfinite=3), arm, 0, dataset=data)
   assert guarded["nonfinite_steps"] == 0 and plain["nonfinite_steps"] is None
   # apply_if_finite compiles another train step (a finite check and a
   # select), so the losses agree to float32 rounding, not bit for bit (8e-8
@@ -173,6 +174,6 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run():
   np.testing.assert_allclose(guarded["train_loss"], plain["train_loss"], rtol=1e-5, atol=0)
   # An infinite loss scale makes every gradient non-finite: every step is
   # skipped, and the run stops at the first epoch end with a clear message.
-  bad = classification.ClassificationConfig(**small, max_nonfinite=3, loss_scale=1e39)
-  with pytest.raises(classification.NonFiniteError, match=r"4 non-finite training steps in a row"):
-    classification.train_and_evaluate(bad, arm, 0, dataset=data)
+  bad = experiment.ClassificationConfig(**small, max_nonfinite=3, loss_scale=1e39)
+  with pytest.raises(running.NonFiniteError, match=r"4 non-finite training steps in a row"):
+    experiment.train_and_evaluate(bad, arm, 0, dataset=data)

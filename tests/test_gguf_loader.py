@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qsgd_optax.tasks import gguf_loader, llama
+from qsgd_optax.tasks.lm import gguf_loader, llama
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from qsgd_optax.tasks import gguf_loader, gsm_data
+from qsgd_optax.tasks.lm import gguf_loader, gsm_data
 
 
 def _wheel_or_skip():

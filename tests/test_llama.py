@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qsgd_optax.tasks import llama
+from qsgd_optax.tasks.lm import llama
 
 TINY = llama.LlamaConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4,
                          n_kv_heads=2, ffn_dim=48, rope_theta=10_000.0)

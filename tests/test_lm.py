@@ -16,7 +16,8 @@ import optax
 import pytest
 from flax import nnx
 
-from qsgd_optax.tasks import _common, gsm_data, llama, lm
+from qsgd_optax.tasks import arms
+from qsgd_optax.tasks.lm import batching, experiment, gsm_data, llama, loop, sharding, steps
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = llama.LlamaConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4,
@@ -33,7 +34,7 @@ def _example(rng, n, n_prompt, vocab=CFG.vocab_size):
 @pytest.fixture(scope="module")
 def tiny():
   model = llama.Llama(CFG, rngs=nnx.Rngs(0))
-  return lm.split_params(model)
+  return steps.split_params(model)
 
 
 # ----------------------------------------------------------------------------
@@ -42,7 +43,7 @@ def tiny():
 
 def test_pad_examples_layout(rng):
   exs = [_example(rng, 10, 4), _example(rng, 70, 30), _example(rng, 5, 2)]
-  batches = lm.pad_examples(exs, 128, batch_size=2, bucket=32, pad_rows_to=4)
+  batches = batching.pad_examples(exs, 128, batch_size=2, bucket=32, pad_rows_to=4)
   assert [b.inputs.shape for b in batches] == [(4, 96), (4, 32)]
   b = batches[0]
   np.testing.assert_array_equal(b.inputs[0, :9], exs[0].ids[:-1])
@@ -56,7 +57,7 @@ def test_pad_examples_layout(rng):
 
 def test_pack_examples_layout(rng):
   exs = [_example(rng, n, 2) for n in (9, 9, 9, 5)]
-  (b,) = lm.pack_examples(exs, 20, batch_size=2)
+  (b,) = batching.pack_examples(exs, 20, batch_size=2)
   assert b.inputs.shape == (2, 20)
   np.testing.assert_array_equal(b.segment_ids[0], [1] * 8 + [2] * 8 + [0] * 4)
   np.testing.assert_array_equal(b.segment_ids[1], [1] * 8 + [2] * 4 + [0] * 8)
@@ -68,22 +69,22 @@ def test_pack_examples_layout(rng):
 def test_batching_rejects_long_examples(rng):
   ex = _example(rng, 30, 2)
   with pytest.raises(ValueError, match="max_len"):
-    lm.pad_examples([ex], 16)
+    batching.pad_examples([ex], 16)
   with pytest.raises(ValueError, match="max_len"):
-    lm.pack_examples([ex], 16)
+    batching.pack_examples([ex], 16)
   with pytest.raises(ValueError, match="batch_size"):
-    lm.make_batches([ex], 64, batch_size=0)
+    batching.make_batches([ex], 64, batch_size=0)
 
 
 # ----------------------------------------------------------------------------
 # Loss.
 
-_loss = jax.jit(lm.loss_fn, static_argnums=0)
+_loss = jax.jit(steps.loss_fn, static_argnums=0)
 
 
 def test_loss_matches_reference(tiny, rng):
   graphdef, params = tiny
-  (batch,) = lm.pad_examples([_example(rng, 12, 5)], 16, bucket=16)
+  (batch,) = batching.pad_examples([_example(rng, 12, 5)], 16, bucket=16)
   loss, (total, count) = _loss(graphdef, params, batch)
   logits = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(batch.inputs)),
                       np.float64)
@@ -98,11 +99,11 @@ def test_loss_matches_reference(tiny, rng):
 def test_packed_and_padded_give_same_token_losses(tiny, rng):
   graphdef, params = tiny
   exs = [_example(rng, n, 3) for n in (7, 11, 6, 9)]
-  eval_fn = lm.make_eval_fn(graphdef)
-  padded = [eval_fn(params, lm.shard_batch(b, None))
-            for b in lm.pad_examples(exs, 16, batch_size=4, bucket=16)]
-  packed = [eval_fn(params, lm.shard_batch(b, None))
-            for b in lm.pack_examples(exs, 16, batch_size=2)]
+  eval_fn = steps.make_eval_fn(graphdef)
+  padded = [eval_fn(params, sharding.shard_batch(b, None))
+            for b in batching.pad_examples(exs, 16, batch_size=4, bucket=16)]
+  packed = [eval_fn(params, sharding.shard_batch(b, None))
+            for b in batching.pack_examples(exs, 16, batch_size=2)]
   assert sum(float(c) for _, c in padded) == sum(float(c) for _, c in packed)
   assert sum(float(s) for s, _ in padded) == pytest.approx(
       sum(float(s) for s, _ in packed), rel=1e-5)
@@ -110,7 +111,7 @@ def test_packed_and_padded_give_same_token_losses(tiny, rng):
 
 def test_empty_batch_has_zero_loss(tiny):
   graphdef, params = tiny
-  batch = lm.Batch(*(np.zeros((1, 4), t) for t in
+  batch = batching.Batch(*(np.zeros((1, 4), t) for t in
                      (np.int32, np.int32, np.float32, np.int32, np.int32)))
   loss, (_, count) = _loss(graphdef, params, batch)
   assert float(loss) == 0.0 and float(count) == 0.0
@@ -121,18 +122,18 @@ def test_empty_batch_has_zero_loss(tiny):
 
 
 def test_schedule_warmup_then_linear_decay():
-  sched = lm.make_schedule(2e-5, total_steps=10, warmup_steps=2)
+  sched = steps.make_schedule(2e-5, total_steps=10, warmup_steps=2)
   values = [float(sched(i)) for i in range(11)]
   assert values[0] == 0.0
   assert values[1] == pytest.approx(1e-5)
   assert values[2] == pytest.approx(2e-5)
   assert values[6] == pytest.approx(1e-5)
   assert values[10] == pytest.approx(0.0, abs=1e-12)
-  assert float(lm.make_schedule(1.0, 4, 0)(0)) == 1.0
+  assert float(steps.make_schedule(1.0, 4, 0)(0)) == 1.0
   with pytest.raises(ValueError, match="warmup_steps"):
-    lm.make_schedule(1.0, 4, 5)
+    steps.make_schedule(1.0, 4, 5)
   with pytest.raises(ValueError, match="total_steps"):
-    lm.make_schedule(1.0, 0, 0)
+    steps.make_schedule(1.0, 0, 0)
 
 
 def _tree(rng, scale=1.0):
@@ -142,11 +143,11 @@ def _tree(rng, scale=1.0):
 
 @pytest.mark.parametrize("label", ["adamw", "qsgd:0.5:gradient:sine"])
 def test_gradient_accumulation(label, rng):
-  arm = _common.parse_arm(label)
+  arm = arms.parse_arm(label)
   params, g1, g2 = _tree(rng), _tree(rng), _tree(rng)
   kw = dict(learning_rate=0.1, total_steps=4, warmup_steps=0)
-  acc = lm.make_optimizer(arm, accum_steps=2, **kw)
-  one = lm.make_optimizer(arm, accum_steps=1, **kw)
+  acc = steps.make_optimizer(arm, accum_steps=2, **kw)
+  one = steps.make_optimizer(arm, accum_steps=1, **kw)
   state = acc.init(params)
   acc_update, one_update = jax.jit(acc.update), jax.jit(one.update)
   u1, state = acc_update(g1, state, params)
@@ -160,11 +161,11 @@ def test_gradient_accumulation(label, rng):
 
 def test_clipping_is_applied_before_the_optimizer(rng):
   """QSGD's raw-gradient term is not scale invariant, so clipping shows."""
-  arm = _common.parse_arm("qsgd:0.5:gradient:sine")
+  arm = arms.parse_arm("qsgd:0.5:gradient:sine")
   params, g = _tree(rng), _tree(rng, scale=100.0)
   kw = dict(learning_rate=0.1, total_steps=4, warmup_steps=0)
-  clipped = lm.make_optimizer(arm, clip_norm=1.0, **kw)
-  plain = lm.make_optimizer(arm, clip_norm=None, **kw)
+  clipped = steps.make_optimizer(arm, clip_norm=1.0, **kw)
+  plain = steps.make_optimizer(arm, clip_norm=None, **kw)
   norm = optax.tree.norm(g)
   u, _ = clipped.update(g, clipped.init(params), params)
   ref, _ = plain.update(jax.tree.map(lambda x: x / norm, g),
@@ -176,12 +177,12 @@ def test_clipping_is_applied_before_the_optimizer(rng):
 
 
 def test_make_optimizer_validates():
-  arm = _common.parse_arm("adamw")
+  arm = arms.parse_arm("adamw")
   with pytest.raises(ValueError, match="accum_steps"):
-    lm.make_optimizer(arm, learning_rate=1.0, total_steps=2, warmup_steps=0,
+    steps.make_optimizer(arm, learning_rate=1.0, total_steps=2, warmup_steps=0,
                       accum_steps=0)
   with pytest.raises(ValueError, match="clip_norm"):
-    lm.make_optimizer(arm, learning_rate=1.0, total_steps=2, warmup_steps=0,
+    steps.make_optimizer(arm, learning_rate=1.0, total_steps=2, warmup_steps=0,
                       clip_norm=-1.0)
 
 
@@ -192,14 +193,14 @@ def test_make_optimizer_validates():
 def test_train_reduces_loss_and_reuses_compilations(tiny, rng):
   graphdef, params = tiny
   exs = [_example(rng, 12, 4) for _ in range(2)]
-  batches = lm.pad_examples(exs, 16, batch_size=2, bucket=16) * 8
-  tx = lm.make_optimizer(_common.parse_arm("adamw"), learning_rate=1e-2,
+  batches = batching.pad_examples(exs, 16, batch_size=2, bucket=16) * 8
+  tx = steps.make_optimizer(arms.parse_arm("adamw"), learning_rate=1e-2,
                          total_steps=len(batches), warmup_steps=0,
                          weight_decay=0.0)
   params = jax.tree.map(jnp.array, params)  # fresh buffers: they are donated
-  grad_fn = lm.Compiled(lm.make_grad_fn(graphdef))
-  update_fn = lm.Compiled(lm.make_update_fn(tx))
-  result = lm.train(params, tx.init(params), batches, grad_fn=grad_fn,
+  grad_fn = steps.Compiled(steps.make_grad_fn(graphdef))
+  update_fn = steps.Compiled(steps.make_update_fn(tx))
+  result = loop.train(params, tx.init(params), batches, grad_fn=grad_fn,
                     update_fn=update_fn, progress=False)
   assert len(result.losses) == 8
   assert result.losses[-1] < 0.7 * result.losses[0]
@@ -210,27 +211,27 @@ def test_train_reduces_loss_and_reuses_compilations(tiny, rng):
 
 
 def test_smooth_curve():
-  assert lm.smooth_curve([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
-  out = lm.smooth_curve([1.0, 0.0], weight=0.5)
+  assert loop.smooth_curve([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+  out = loop.smooth_curve([1.0, 0.0], weight=0.5)
   assert out == pytest.approx([1.0, 1 / 3])
 
 
 def test_finetune_config_validates():
   with pytest.raises(ValueError, match="model"):
-    lm.FinetuneConfig(model="gpt2")
+    experiment.FinetuneConfig(model="gpt2")
   with pytest.raises(ValueError, match="warmup"):
-    lm.FinetuneConfig(warmup=1.0)
+    experiment.FinetuneConfig(warmup=1.0)
   with pytest.raises(ValueError, match="examples"):
-    lm.FinetuneConfig(examples=0)
-  assert lm.FinetuneConfig().style == "chat"
-  assert lm.FinetuneConfig(model="tiny").style == "plain"
+    experiment.FinetuneConfig(examples=0)
+  assert experiment.FinetuneConfig().style == "chat"
+  assert experiment.FinetuneConfig(model="tiny").style == "plain"
 
 
 def test_comparison_table():
   runs = [{"arm": a, "mean_loss": m, "final_loss": m, "eval_loss_before": 1.0,
            "eval_loss_after": 0.9, "tokens_per_s": 10.0, "wall_time": 5.0}
           for a, m in (("adamw", 0.2), ("qsgd:0.5", 0.19))]
-  table = lm.comparison_table(runs)
+  table = experiment.comparison_table(runs)
   assert "-5.00%" in table and table.splitlines()[0].startswith("optimizer")
 
 
@@ -244,32 +245,33 @@ def test_comparison_table():
     (" data=3 ", {"data": 3, "fsdp": 1}),
 ])
 def test_parse_mesh(text, expected):
-  assert lm.parse_mesh(text) == expected
+  assert sharding.parse_mesh(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "data=0", "model=2", "data=2,data=2",
                                   "data", "data=x"])
 def test_parse_mesh_rejects(text):
   with pytest.raises(ValueError, match="mesh"):
-    lm.parse_mesh(text)
+    sharding.parse_mesh(text)
 
 
 def test_make_mesh_checks_device_count():
   with pytest.raises(ValueError, match="device"):
-    lm.make_mesh(2, jax.device_count())
-  mesh = lm.make_mesh(1, 1, jax.devices()[:1])
-  assert mesh.axis_names == lm.MESH_AXES
+    sharding.make_mesh(2, jax.device_count())
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  assert mesh.axis_names == sharding.MESH_AXES
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from qsgd_optax.tasks import _common, gsm_data, llama, lm
+    from qsgd_optax.tasks import arms
+    from qsgd_optax.tasks.lm import batching, experiment, gsm_data, llama, loop, sharding, steps
 
     assert jax.device_count() == 8, jax.devices()
     cfg = llama.LlamaConfig.tiny()
-    graphdef, host = lm.split_params(llama.Llama(cfg, rngs=nnx.Rngs(0)))
+    graphdef, host = steps.split_params(llama.Llama(cfg, rngs=nnx.Rngs(0)))
     host = jax.device_get(host)
     rng = np.random.default_rng(0)
     exs = []
@@ -277,27 +279,27 @@ SHARDED_SCRIPT = textwrap.dedent("""
       ids = rng.integers(3, cfg.vocab_size, size=n).astype(np.int32)
       mask = np.arange(n) >= n // 3
       exs.append(gsm_data.TokenizedExample(ids, mask))
-    batches = lm.make_batches(exs, 32, batch_size=8, bucket=32, pad_rows_to=8)
+    batches = batching.make_batches(exs, 32, batch_size=8, bucket=32, pad_rows_to=8)
 
     def run(label, mesh):
-      tx = lm.make_optimizer(_common.parse_arm(label), learning_rate=1e-2,
+      tx = steps.make_optimizer(arms.parse_arm(label), learning_rate=1e-2,
                              total_steps=2, warmup_steps=0)
       if mesh is None:
         ps = os_ = None
         params = jax.tree.map(jnp.asarray, host)
         opt = jax.jit(tx.init)(params)
       else:
-        ps = lm.param_shardings(host, mesh)
+        ps = sharding.param_shardings(host, mesh)
         params = jax.device_put(host, ps)
-        os_ = lm.state_shardings(jax.eval_shape(tx.init, params), params, ps,
+        os_ = sharding.state_shardings(jax.eval_shape(tx.init, params), params, ps,
                                  mesh)
         opt = jax.jit(tx.init, out_shardings=os_)(params)
-      grad_fn = lm.make_grad_fn(graphdef, ps)
-      update_fn = lm.make_update_fn(tx, ps, os_)
+      grad_fn = steps.make_grad_fn(graphdef, ps)
+      update_fn = steps.make_update_fn(tx, ps, os_)
       losses = []
       for b in batches:
-        params, opt, loss = lm.train_step(grad_fn, update_fn, params, opt,
-                                          lm.shard_batch(b, mesh))
+        params, opt, loss = steps.train_step(grad_fn, update_fn, params, opt,
+                                          sharding.shard_batch(b, mesh))
         losses.append(float(loss))
       return params, opt, losses
 
@@ -306,7 +308,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
       # shardings: values and shardings must come back exactly.
       import tempfile
       from qsgd_optax.tasks import _checkpoints
-      saved = lm._state_tree(params, opt)
+      saved = experiment._state_tree(params, opt)
       target = {k: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding)
                 for k, x in saved.items()}
       directory = tempfile.mkdtemp()
@@ -324,7 +326,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
           "ckpt_progress": progress,
       }
 
-    mesh = lm.make_mesh(2, 4)
+    mesh = sharding.make_mesh(2, 4)
     out = {}
     for label in sys.argv[1:]:
       p1, o1, l1 = run(label, None)

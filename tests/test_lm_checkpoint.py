@@ -14,10 +14,11 @@ import numpy as np
 import optax
 import pytest
 
-from qsgd_optax.tasks import _checkpoints, _common, lm
+from qsgd_optax.tasks import _checkpoints, arms, running
+from qsgd_optax.tasks.lm import batching, experiment, loop, steps
 
-ARM = _common.parse_arm("qsgd:0.5:update")
-CONFIG = lm.FinetuneConfig(model="tiny", examples=6, test_examples=1, max_len=256, grad_accum=2,
+ARM = arms.parse_arm("qsgd:0.5:update")
+CONFIG = experiment.FinetuneConfig(model="tiny", examples=6, test_examples=1, max_len=256, grad_accum=2,
                            learning_rate=3e-3)
 
 
@@ -26,7 +27,7 @@ class _Interrupt(Exception):
 
 
 def _run(config=CONFIG, **kwargs):
-  runs, _ = lm.run_finetune(config, [ARM], [0], progress=False, **kwargs)
+  runs, _ = experiment.run_finetune(config, [ARM], [0], progress=False, **kwargs)
   return runs[0]
 
 
@@ -74,7 +75,7 @@ def test_interrupted_run_resumes_bit_identical(reference, tmp_path):
     assert resumed[key] == record[key], key
   want, want_progress = _final_arrays(root)
   got, got_progress = _final_arrays(tmp_path)
-  n_params = len(jax.tree.leaves(lm._load_model(CONFIG)[2](0)))  # pylint: disable=protected-access
+  n_params = len(jax.tree.leaves(experiment._load_model(CONFIG)[2](0)))  # pylint: disable=protected-access
   assert want.keys() == got.keys() and len(want) > 3 * n_params  # params, mu, nu and counters
   for k in want:
     assert want[k].dtype == got[k].dtype and np.array_equal(want[k], got[k]), k
@@ -99,12 +100,12 @@ def test_incomplete_save_is_ignored_and_finished_run_trains_nothing(reference, t
 def test_changed_configuration_or_unrequested_resume_is_refused(reference, tmp_path):
   _, root = reference
   shutil.copytree(root, tmp_path / "ckpt")
-  changed = lm.FinetuneConfig(**{**CONFIG.__dict__, "learning_rate": 1e-3, "max_len": 240})
+  changed = experiment.FinetuneConfig(**{**CONFIG.__dict__, "learning_rate": 1e-3, "max_len": 240})
   with pytest.raises(_checkpoints.CheckpointError,
                      match=r"max_len 256, this run asks for 240; .*learning_rate 0\.003, this run asks for 0\.001"):
     _run(changed, checkpoint_dir=tmp_path / "ckpt", resume=True)
   # max_nonfinite may change on resume, but turning it on wraps the optimizer state.
-  guarded = lm.FinetuneConfig(**{**CONFIG.__dict__, "max_nonfinite": 3})
+  guarded = experiment.FinetuneConfig(**{**CONFIG.__dict__, "max_nonfinite": 3})
   with pytest.raises(_checkpoints.CheckpointError, match="laid out differently"):
     _run(guarded, checkpoint_dir=tmp_path / "ckpt", resume=True)
   with pytest.raises(_checkpoints.CheckpointError, match="already holds checkpoints.*--resume"):
@@ -118,7 +119,7 @@ def test_changed_configuration_or_unrequested_resume_is_refused(reference, tmp_p
 
 def _fake_batches(n):
   ones = np.ones((1, 4), np.int32)
-  return [lm.Batch(ones, ones, ones.astype(np.float32), ones, ones) for _ in range(n)]
+  return [batching.Batch(ones, ones, ones.astype(np.float32), ones, ones) for _ in range(n)]
 
 
 def _nan_at(steps):
@@ -146,32 +147,32 @@ def _update_fn(tx):
 def test_nonfinite_micro_batches_are_skipped_counted_and_stop_the_run(arm):
   params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(3)}
   tx = optax.apply_if_finite(
-      lm.make_optimizer(_common.parse_arm(arm), learning_rate=1e-2, total_steps=10,
+      steps.make_optimizer(arms.parse_arm(arm), learning_rate=1e-2, total_steps=10,
                         warmup_steps=0),
       max_consecutive_errors=4)
   # NaN at calls 1 and 2: skipped, counted; training goes on with finite updates.
-  result = lm.train(params, tx.init(params), _fake_batches(5), grad_fn=_nan_at({1, 2}),
+  result = loop.train(params, tx.init(params), _fake_batches(5), grad_fn=_nan_at({1, 2}),
                     update_fn=_update_fn(tx), progress=False, max_nonfinite=3)
   assert int(result.opt_state.total_notfinite) == 2
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(result.params))
   assert np.isnan(result.losses[1]) and result.losses[0] == 1.0
-  assert lm.finite_mean(result.losses) == 1.0  # what the run record reports
+  assert loop.finite_mean(result.losses) == 1.0  # what the run record reports
   # The same skipped steps leave the parameters where three finite steps take them.
-  clean = lm.train(params, tx.init(params), _fake_batches(3), grad_fn=_nan_at(set()),
+  clean = loop.train(params, tx.init(params), _fake_batches(3), grad_fn=_nan_at(set()),
                    update_fn=_update_fn(tx), progress=False)
   for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(clean.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Three in a row: the run stops, naming the count and what to do.
-  with pytest.raises(_common.NonFiniteError, match=r"3 micro-batches in a row .*max_nonfinite=3"):
-    lm.train(params, tx.init(params), _fake_batches(6), grad_fn=_nan_at({2, 3, 4}),
+  with pytest.raises(running.NonFiniteError, match=r"3 micro-batches in a row .*max_nonfinite=3"):
+    loop.train(params, tx.init(params), _fake_batches(6), grad_fn=_nan_at({2, 3, 4}),
              update_fn=_update_fn(tx), progress=False, max_nonfinite=3, desc=arm)
 
 
 def test_max_nonfinite_validated():
   with pytest.raises(ValueError, match="max_nonfinite"):
-    lm.FinetuneConfig(max_nonfinite=0)
+    experiment.FinetuneConfig(max_nonfinite=0)
 
 
 def test_prompts_longer_than_max_len_are_an_error():
   with pytest.raises(ValueError, match="max_len=16"):
-    _run(lm.FinetuneConfig(model="tiny", examples=2, test_examples=1, max_len=16))
+    _run(experiment.FinetuneConfig(model="tiny", examples=2, test_examples=1, max_len=16))

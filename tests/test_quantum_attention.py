@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qsgd_optax.tasks import quantum_attention as qa
+from qsgd_optax.tasks.classification import quantum_attention as qa
 
 # --------------------------------------------------------------------------- NumPy statevector oracle
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qsgd_optax.tasks import text_data
+from qsgd_optax.tasks.classification import text_data
 
 # --------------------------------------------------------------------------- synthetic
 

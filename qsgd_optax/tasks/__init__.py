@@ -1,8 +1,25 @@
-"""Flax tasks shared by ``examples/`` and ``bench/``: models, data and one train loop.
+"""Flax tasks shared by ``examples/`` and ``bench/``: models, data and train loops.
 
 This subpackage is the only part of :mod:`qsgd_optax` that imports Flax. It
 needs the ``examples`` extra (``pip install 'qsgd_optax[examples]'``).
-Import the submodules directly (``from qsgd_optax.tasks import classification``).
+Import the submodules directly (``from qsgd_optax.tasks.lm import experiment``).
+
+Layout (each module's docstring says what it holds and what it must not):
+
+* shared by both tasks: :mod:`~qsgd_optax.tasks.arms` (optimizer arms:
+  parse, build), :mod:`~qsgd_optax.tasks.cli` (argparse types and flag
+  groups), :mod:`~qsgd_optax.tasks.running` (the loop over arms and seeds,
+  progress bars), :mod:`~qsgd_optax.tasks.reporting` (statistics, tables,
+  ``summary.json``, plots), ``_checkpoints`` (Orbax checkpoints of one run)
+  and ``_compat`` (Flax version differences);
+* :mod:`qsgd_optax.tasks.classification`: the transformer text-classification
+  experiment;
+* :mod:`qsgd_optax.tasks.lm`: the causal-LM fine-tuning experiment.
+
+Data flows one way: CLI (``examples/``, ``bench/``) -> config -> data + model
+-> jitted step (optimizer inside, circuit inside) -> metrics -> files. Task
+modules never import ``examples/`` or ``bench/``; the core (``qsgd_optax``
+outside ``tasks``) never imports ``tasks``.
 """
 
 import importlib.util as _util

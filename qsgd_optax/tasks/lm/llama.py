@@ -9,7 +9,7 @@ RoPE convention: this module uses the *half-split* layout of the Hugging Face
 implementation (``rotate_half``): inside each head, feature ``i`` is paired
 with feature ``i + head_dim // 2``. Checkpoints converted by llama.cpp store
 the query and key projections permuted for the *interleaved-pair* layout
-(features ``2i`` and ``2i + 1`` paired); :mod:`qsgd_optax.tasks.gguf_loader`
+(features ``2i`` and ``2i + 1`` paired); :mod:`qsgd_optax.tasks.lm.gguf_loader`
 un-permutes them on load, so parameters here have Hugging Face's layout.
 
 Mixed precision: parameters are created in ``param_dtype`` (float32 master

@@ -1,18 +1,17 @@
-"""The paper's text-classification experiment: model, jitted steps and one train loop.
+"""The paper's text-classification experiment: configuration, jitted steps, the train loop.
 
-A Flax NNX transformer sequence classifier in the paper's configuration
-(embedding 64, 4 heads, feed-forward 128, 2 layers, dropout 0.1, FP32),
-with standard or quantum attention (:mod:`qsgd_optax.tasks.quantum_attention`),
-trained by one optimizer arm (:mod:`qsgd_optax.tasks._common`) on a task from
-:mod:`qsgd_optax.tasks.text_data`.
+One optimizer arm (:mod:`qsgd_optax.tasks.arms`) trains the classifier
+(:mod:`~qsgd_optax.tasks.classification.transformer`) on a task from
+:mod:`~qsgd_optax.tasks.classification.text_data`.
 
-:func:`train_and_evaluate` is the only training loop of the project: the
+:func:`train_and_evaluate` is the classification loop of the project: the
 example CLI and the benchmarks call it. Its train step is one ``jax.jit``
 over the split NNX state, holding forward, backward and the whole optimizer
-update (for ``qsgd`` arms the QSGD circuit too); evaluation is jitted too. With ``checkpoint_dir`` it writes Orbax
-checkpoints (model, optimizer and metric state, the position in the batch
-order, the history so far) and with ``resume=True`` continues the latest
-complete one, ending bit-identical to an uninterrupted run.
+update (for ``qsgd`` arms the QSGD circuit too); evaluation is jitted too.
+With ``checkpoint_dir`` it writes Orbax checkpoints (model, optimizer and
+metric state, the position in the batch order, the history so far) and
+with ``resume=True`` continues the latest complete one, ending bit-identical
+to an uninterrupted run. It writes no result files: the CLI does.
 
 Example:
 
@@ -39,24 +38,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qsgd_optax.tasks import text_data
-from qsgd_optax.tasks._compat import ModuleList
 from qsgd_optax.tasks._checkpoints import CheckpointError, RunCheckpoints, run_directory
-from qsgd_optax.tasks._common import (  # parse_arm: the doctests' namespace
-    Arm, NonFiniteError, format_table, group_runs, make_optimizer, mean_std, parse_arm, progress_bar)  # noqa: F401
-from qsgd_optax.tasks.quantum_attention import METHODS, MultiHeadSelfAttention
+from qsgd_optax.tasks.arms import Arm, make_optimizer, parse_arm  # noqa: F401  parse_arm: the doctests' namespace
+from qsgd_optax.tasks.classification import text_data
+from qsgd_optax.tasks.classification.quantum_attention import METHODS
+from qsgd_optax.tasks.classification.transformer import ATTENTIONS, POOLINGS, TransformerClassifier, create_model
+from qsgd_optax.tasks.reporting import format_table, group_runs, mean_std
+from qsgd_optax.tasks.running import NonFiniteError, progress_bar
 
 __all__ = [
-    "ATTENTIONS",
-    "POOLINGS",
     "TASKS",
-    "CheckpointError",
     "ClassificationConfig",
-    "NonFiniteError",
-    "TransformerClassifier",
     "checkpoint_path",
     "comparison_table",
-    "create_model",
     "epochs_to_target",
     "eval_step",
     "load_task",
@@ -64,9 +58,8 @@ __all__ = [
     "train_step",
 ]
 
+
 TASKS: tuple[str, ...] = ("synthetic", "polarity")
-ATTENTIONS: tuple[str, ...] = ("standard", "quantum")
-POOLINGS: tuple[str, ...] = ("mean", "cls")
 _EVAL_BATCH = 250
 
 
@@ -149,78 +142,11 @@ class ClassificationConfig:
       raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
 
 
-# --------------------------------------------------------------------------- model
-
-
-class EncoderBlock(nnx.Module):
-  """Post-norm transformer encoder block: attention and feed-forward, residual + LayerNorm."""
-
-  def __init__(self, config: ClassificationConfig, *, rngs: nnx.Rngs):
-    self.attention = MultiHeadSelfAttention(
-        config.embed_dim, config.num_heads, dropout=config.dropout, quantum=config.attention == "quantum",
-        n_qubits=config.n_qubits, method=config.quantum_method, rngs=rngs)
-    self.norm1 = nnx.LayerNorm(config.embed_dim, rngs=rngs)
-    self.ff_in = nnx.Linear(config.embed_dim, config.ff_dim, rngs=rngs)
-    self.ff_out = nnx.Linear(config.ff_dim, config.embed_dim, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(config.embed_dim, rngs=rngs)
-    self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
-
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    x = self.norm1(x + self.dropout(self.attention(x, mask)))
-    h = self.ff_out(self.dropout(jax.nn.relu(self.ff_in(x))))
-    return self.norm2(x + self.dropout(h))
-
-
-class TransformerClassifier(nnx.Module):
-  """Token + learned position embeddings, encoder blocks, pooling, linear head.
-
-  Call on ``int32[batch, length]`` tokens (``0`` = padding); returns
-  ``float32[batch, num_classes]`` logits. Use ``.train()`` / ``.eval()`` to
-  switch dropout.
-  """
-
-  def __init__(self, config: ClassificationConfig, vocab_size: int, num_classes: int, max_len: int,
-               *, rngs: nnx.Rngs):
-    self.pooling = config.pooling
-    self.embed = nnx.Embed(vocab_size, config.embed_dim, rngs=rngs)
-    extra = 1 if config.pooling == "cls" else 0
-    self.position = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len + extra, config.embed_dim)))
-    self.cls = nnx.Param(jnp.zeros((1, 1, config.embed_dim))) if extra else None
-    self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
-    self.blocks = ModuleList([EncoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
-    self.head = nnx.Linear(config.embed_dim, num_classes, rngs=rngs)
-
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    mask = tokens != text_data.PAD
-    x = self.embed(tokens)
-    if self.cls is not None:
-      x = jnp.concatenate([jnp.broadcast_to(self.cls[...], (x.shape[0], 1, x.shape[2])), x], axis=1)
-      mask = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1)
-    x = self.dropout(x + self.position[: x.shape[1]])
-    for block in self.blocks:
-      x = block(x, mask)
-    if self.cls is not None:
-      pooled = x[:, 0]
-    else:
-      weights = mask[..., None].astype(x.dtype)
-      pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-    return self.head(pooled)
-
-
-def create_model(config: ClassificationConfig, dataset: text_data.TextDataset, seed: int) -> TransformerClassifier:
-  """A freshly initialised classifier for ``dataset``; ``seed`` fixes init and dropout."""
-  rngs = nnx.Rngs(params=seed, dropout=seed + 1_000_003)
-  return TransformerClassifier(config, dataset.vocab_size, dataset.num_classes, dataset.seq_len, rngs=rngs)
-
-
 def load_task(config: ClassificationConfig) -> text_data.TextDataset:
   """The dataset ``config`` names, with its fixed split."""
   if config.task == "synthetic":
     return text_data.make_synthetic(config.n_train, config.n_test, seq_len=config.seq_len, seed=config.data_seed)
   return text_data.load_polarity(max_len=config.seq_len, seed=config.data_seed)
-
-
-# --------------------------------------------------------------------------- steps
 
 
 def _metrics() -> nnx.MultiMetric:
@@ -292,8 +218,6 @@ def epochs_to_target(accuracies: Sequence[float], target: float) -> int | None:
   return None
 
 
-# --------------------------------------------------------------------------- checkpoints
-
 # What must match for a checkpoint to be resumed: everything that shapes the
 # training trajectory. ``epochs`` (a resumed run may train longer) and
 # ``target_accuracy`` (only read when the record is built) are left out.
@@ -316,9 +240,6 @@ def _identity(config: ClassificationConfig, arm: Arm, seed: int, data: text_data
   fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
   return {"optimizer": arm.label, "seed": int(seed), **fields, "train_sequences": len(data.train),
           "vocab_size": int(data.vocab_size), "num_classes": int(data.num_classes)}
-
-
-# --------------------------------------------------------------------------- loop
 
 
 @functools.lru_cache(maxsize=32)
@@ -518,9 +439,6 @@ def train_and_evaluate(
   if return_state:
     return record, nnx.state((model, optimizer))
   return record
-
-
-# --------------------------------------------------------------------------- reporting
 
 
 def _fmt(mean: float, std: float, n: int, digits: int = 3) -> str:

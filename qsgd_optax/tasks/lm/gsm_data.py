@@ -9,7 +9,7 @@ answer format. The package's own ``tasks_ok`` list marks 85 templates as
 correct; only those are used.
 
 The wheel is fetched with ``pip download --no-deps`` into the cache (see
-:func:`qsgd_optax.tasks.gguf_loader.cache_dir`) and the template code is read
+:func:`qsgd_optax.tasks.lm.gguf_loader.cache_dir`) and the template code is read
 straight from it: the generator modules need only the standard library and
 two helpers from ``reasoning_gym/utils.py`` (itself standard-library only),
 which are supplied to them without importing or installing the package
@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from qsgd_optax.tasks import gguf_loader
+from qsgd_optax.tasks.lm import gguf_loader
 
 __all__ = [
     "REASONING_GYM",
@@ -116,7 +116,7 @@ def fetch_reasoning_gym(cache: str | os.PathLike[str] | None = None, *,
                         download: bool = True) -> Path:
   """The verified ``reasoning-gym`` 0.1.25 wheel in the cache, downloading it if needed.
 
-  See :func:`qsgd_optax.tasks.gguf_loader.fetch_wheel`; only the wheel file
+  See :func:`qsgd_optax.tasks.lm.gguf_loader.fetch_wheel`; only the wheel file
   is fetched, nothing is installed.
   """
   return gguf_loader.fetch_wheel(REASONING_GYM, cache, download=download)

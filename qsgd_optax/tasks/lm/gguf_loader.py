@@ -19,7 +19,7 @@ What :func:`load_gguf` does with the file:
   (feature ``i`` paired with ``i + head_dim/2``) to the interleaved-pair
   layout (``2i`` with ``2i + 1``). :func:`unpermute_rope_rows` undoes it, so
   the parameters match Hugging Face's layout and
-  :func:`qsgd_optax.tasks.llama.apply_rope` uses the half-split rotation;
+  :func:`qsgd_optax.tasks.lm.llama.apply_rope` uses the half-split rotation;
 * the byte-level BPE tokenizer rebuilt with ``tokenizers`` from
   ``tokenizer.ggml.tokens`` / ``merges`` / ``token_type`` and the
   pre-tokenizer named by ``tokenizer.ggml.pre`` (:func:`tokenizer_from_gguf`).
@@ -408,8 +408,8 @@ def _f32(value: float) -> float:
 
 
 def config_from_gguf(reader: Any) -> Any:
-  """A :class:`~qsgd_optax.tasks.llama.LlamaConfig` from ``llama.*`` metadata."""
-  from qsgd_optax.tasks.llama import LlamaConfig  # pylint: disable=import-outside-toplevel
+  """A :class:`~qsgd_optax.tasks.lm.llama.LlamaConfig` from ``llama.*`` metadata."""
+  from qsgd_optax.tasks.lm.llama import LlamaConfig  # pylint: disable=import-outside-toplevel
 
   arch = _field(reader, "general.architecture")
   if arch != "llama":
@@ -500,7 +500,7 @@ class GGUFModel:
   """What :func:`load_gguf` reads from a file.
 
   Attributes:
-    config: the :class:`~qsgd_optax.tasks.llama.LlamaConfig`.
+    config: the :class:`~qsgd_optax.tasks.lm.llama.LlamaConfig`.
     params: float32 NumPy parameters, a pure dict matching ``Llama``'s state.
     tokenizer: the rebuilt ``tokenizers.Tokenizer``.
     metadata: selected scalar metadata (name, special token ids, chat
@@ -550,10 +550,10 @@ def load_gguf(path: str | os.PathLike[str]) -> GGUFModel:
 
 def llama_from_params(config: Any, params: Any, *, dtype: Any = None,
                       param_dtype: Any = None) -> Any:
-  """A :class:`~qsgd_optax.tasks.llama.Llama` holding ``params`` (a pure dict).
+  """A :class:`~qsgd_optax.tasks.lm.llama.Llama` holding ``params`` (a pure dict).
 
   Args:
-    config: the :class:`~qsgd_optax.tasks.llama.LlamaConfig`.
+    config: the :class:`~qsgd_optax.tasks.lm.llama.LlamaConfig`.
     params: arrays shaped like the model's state, e.g.
       :attr:`GGUFModel.params`.
     dtype: compute dtype (default float32).
@@ -563,7 +563,7 @@ def llama_from_params(config: Any, params: Any, *, dtype: Any = None,
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from qsgd_optax.tasks.llama import Llama  # pylint: disable=import-outside-toplevel
+  from qsgd_optax.tasks.lm.llama import Llama  # pylint: disable=import-outside-toplevel
 
   dtype = jnp.float32 if dtype is None else dtype
   param_dtype = jnp.float32 if param_dtype is None else param_dtype
@@ -577,7 +577,7 @@ def llama_from_params(config: Any, params: Any, *, dtype: Any = None,
 
 def load_llama(path: str | os.PathLike[str], *, dtype: Any = None,
                param_dtype: Any = None) -> tuple[Any, Any]:
-  """A :class:`~qsgd_optax.tasks.llama.Llama` and its tokenizer from a GGUF file.
+  """A :class:`~qsgd_optax.tasks.lm.llama.Llama` and its tokenizer from a GGUF file.
 
   Args:
     path: the GGUF file (e.g. :func:`fetch_smollm2`'s result).

@@ -1,0 +1,157 @@
+"""Command-line pieces shared by the examples' and benchmarks' CLIs.
+
+argparse ``type=`` converters that fail with a message naming the value and
+the accepted form (:func:`int_arg`, :func:`names_arg`), the flag groups every
+task CLI shares (:func:`add_common_args`, :func:`add_long_run_args`) and
+:func:`docstring_parser`. Parsing only: no training, no files written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from qsgd_optax.tasks.arms import ARM_FORM, Arm, parse_arms, parse_seeds
+
+__all__ = [
+    "add_common_args",
+    "add_long_run_args",
+    "docstring_parser",
+    "int_arg",
+    "names_arg",
+]
+
+
+def _arms_arg(text: str) -> tuple[Arm, ...]:
+  try:
+    return parse_arms(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seeds_arg(text: str) -> tuple[int, ...]:
+  try:
+    return parse_seeds(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_float_arg(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    value = float("nan")
+  if not (math.isfinite(value) and value > 0):
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+  return value
+
+
+def int_arg(minimum: int) -> Callable[[str], int]:
+  """An argparse ``type`` accepting integers ``>= minimum`` (argparse error otherwise).
+
+  >>> int_arg(1)("3")
+  3
+  """
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      value = minimum - 1
+    if value < minimum:
+      noun = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+      raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}")
+    return value
+  parse.__name__ = "int"
+  return parse
+
+
+_positive_int_arg = int_arg(1)
+
+
+def names_arg(accepted: Sequence[str], *, empty: str | None = None) -> Callable[[str], tuple[str, ...]]:
+  """An argparse ``type`` accepting a comma list of names from ``accepted``.
+
+  ``empty`` names a word that stands for the empty list (e.g. ``"none"``).
+
+  >>> names_arg(("a", "b"))("b, a")
+  ('b', 'a')
+  >>> names_arg(("a", "b"), empty="none")("none")
+  ()
+  """
+  def parse(text: str) -> tuple[str, ...]:
+    if empty is not None and text.strip() == empty:
+      return ()
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names or any(n not in accepted for n in names):
+      alternative = f" or {empty!r}" if empty is not None else ""
+      raise argparse.ArgumentTypeError(
+          f"expected a comma list from {', '.join(accepted)}{alternative}, got {text!r}")
+    return names
+  parse.__name__ = "names"
+  return parse
+
+
+def docstring_parser(doc: str) -> argparse.ArgumentParser:
+  """An ArgumentParser whose description is ``doc``'s first paragraph and epilog the rest."""
+  return argparse.ArgumentParser(
+      description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_common_args(
+    parser: argparse.ArgumentParser,
+    *,
+    optimizers: str = "adamw,qsgd:0.1,qsgd:0.5",
+    seeds: str = "0,1,2",
+    learning_rate: float = 1e-3,
+    batch_size: int = 32,
+) -> argparse.ArgumentParser:
+  """Adds the options every task CLI shares and returns ``parser``.
+
+  Adds ``--optimizers`` (parsed to ``tuple[Arm, ...]``), ``--seeds`` (parsed
+  to ``tuple[int, ...]``), ``--lr``, ``--batch-size``, ``--out`` (a
+  ``Path`` or ``None``), ``--smoke`` and ``--no-progress``. Bad values exit
+  with status 2 and a message naming the value and the accepted form.
+  Task-specific options (``--epochs``, ``--steps``, ...) are the caller's.
+  """
+  parser.add_argument(
+      "--optimizers", type=_arms_arg, default=_arms_arg(optimizers), metavar="ARMS",
+      help=f"comma list of optimizer arms, each {ARM_FORM} (default: {optimizers})")
+  parser.add_argument(
+      "--seeds", type=_seeds_arg, default=_seeds_arg(seeds), metavar="SEEDS",
+      help=f"a seed count N (seeds 0..N-1) or a comma list like 0,1,2 (default: {seeds})")
+  parser.add_argument(
+      "--lr", type=_positive_float_arg, default=learning_rate,
+      help=f"peak learning rate (default: {learning_rate:g})")
+  parser.add_argument(
+      "--batch-size", type=_positive_int_arg, default=batch_size,
+      help=f"batch size (default: {batch_size})")
+  parser.add_argument(
+      "--out", type=Path, default=None, metavar="DIR",
+      help="write DIR/summary.json and the PNG of the curves there")
+  parser.add_argument(
+      "--smoke", action="store_true",
+      help="a tiny configuration that finishes in well under a minute on a 2-core CPU")
+  parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+  return parser
+
+
+def add_long_run_args(parser: argparse.ArgumentParser, *, skipped: str = "optimizer steps") -> None:
+  """Adds the examples' ``--checkpoint-every``, ``--keep``, ``--resume`` and ``--max-nonfinite``.
+
+  ``skipped`` names what a non-finite gradient skips (steps or micro-batches).
+  """
+  parser.add_argument("--checkpoint-every", type=int_arg(1), default=None, metavar="N",
+                      help="Orbax checkpoint every N optimizer steps and at the end of every epoch "
+                           "or run, under DIR/checkpoints (default: no checkpoints unless --resume)")
+  parser.add_argument("--keep", type=int_arg(1), default=3, metavar="N",
+                      help="checkpoints kept per run (default: %(default)s)")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue every run from its latest complete checkpoint under "
+                           "DIR/checkpoints")
+  parser.add_argument("--max-nonfinite", type=int_arg(1), default=None, metavar="N",
+                      help=f"skip {skipped} with a non-finite gradient (optax.apply_if_finite), "
+                           "count them in summary.json (nonfinite_steps) and stop after N in a "
+                           "row (default: off)")
