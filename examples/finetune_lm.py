@@ -60,10 +60,7 @@ SMOKE = dict(model="tiny", examples=24, test_examples=8, max_len=256,
 def _mesh_arg(text: str) -> dict[str, int]:
   from qsgd_optax.tasks.lm import sharding  # pylint: disable=import-outside-toplevel
 
-  try:
-    return sharding.parse_mesh(text)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e)) from None
+  return cli.checked(sharding.parse_mesh)(text)
 
 
 def _fraction_arg(text: str) -> float:

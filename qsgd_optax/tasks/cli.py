@@ -12,30 +12,39 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
-from qsgd_optax.tasks.arms import ARM_FORM, Arm, parse_arms, parse_seeds
+from qsgd_optax.tasks.arms import ARM_FORM, parse_arms, parse_seeds
+
+T = TypeVar("T")
 
 __all__ = [
     "add_common_args",
     "add_long_run_args",
+    "checked",
     "docstring_parser",
     "int_arg",
     "names_arg",
 ]
 
 
-def _arms_arg(text: str) -> tuple[Arm, ...]:
-  try:
-    return parse_arms(text)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e)) from None
+def checked(parse: Callable[[str], T]) -> Callable[[str], T]:
+  """An argparse ``type`` from a parser that raises ValueError (its message becomes argparse's).
+
+  >>> checked(int)("3")
+  3
+  """
+  def convert(text: str) -> T:
+    try:
+      return parse(text)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
+  convert.__name__ = getattr(parse, "__name__", "value")
+  return convert
 
 
-def _seeds_arg(text: str) -> tuple[int, ...]:
-  try:
-    return parse_seeds(text)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e)) from None
+_arms_arg = checked(parse_arms)
+_seeds_arg = checked(parse_seeds)
 
 
 def _positive_float_arg(text: str) -> float:
