@@ -82,6 +82,17 @@ def transformer_shapes(d: int, n_layers: int, vocab: int) -> dict[str, Any]:
   return tree
 
 
+def many_leaf_shapes(n_leaves: int) -> dict[str, Any]:
+  """Nested dict of ``n_leaves`` small leaf shapes: ``64 x 96`` kernels and ``96`` biases alternating.
+
+  The shape of a model with many small arrays (per-layer weights, biases,
+  norms), where the per-array cost of the quantum term shows.
+  """
+  if n_leaves < 2 or n_leaves % 2:
+    raise ValueError(f"n_leaves must be an even number >= 2, got {n_leaves}")
+  return {f"layer_{i:04d}": {"kernel": (64, 96), "bias": (96,)} for i in range(n_leaves // 2)}
+
+
 def _shape_leaves(shapes: Any) -> list[tuple[int, ...]]:
   if isinstance(shapes, dict):
     return [s for k in sorted(shapes) for s in _shape_leaves(shapes[k])]

@@ -101,9 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"held-out problems (default: {DEFAULTS['test_examples']})")
   parser.add_argument("--max-len", type=cli.int_arg(8), default=None,
                       help=f"context length (default: {DEFAULTS['max_len']})")
+  parser.add_argument("--mesh", type=_mesh_arg, default=None, metavar="data=N,fsdp=M",
+                      help="shard over a device mesh of every process's devices (default: one device)")
+  cli.add_distributed_args(parser)
   parser.add_argument("--from", dest="from_dir", type=Path, default=None, metavar="DIR",
                       help="redraw the table and plot from DIR/summary.json, no training")
   return parser
+
+
+def _mesh_arg(text: str) -> dict[str, int]:
+  from qsgd_optax.tasks.lm import sharding  # pylint: disable=import-outside-toplevel
+
+  return cli.checked(sharding.parse_mesh)(text)
 
 
 def _fill(args: argparse.Namespace) -> argparse.Namespace:
@@ -125,19 +134,30 @@ def collect(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
 
   config = experiment.FinetuneConfig(model=args.model, examples=args.examples,
                              test_examples=args.test_examples, max_len=args.max_len,
-                             batch_size=args.batch_size, learning_rate=args.lr)
-  log = lambda msg: print(msg, file=sys.stderr, flush=True)  # pylint: disable=unnecessary-lambda-assignment
+                             batch_size=args.batch_size, learning_rate=args.lr, mesh=args.mesh)
+  primary = _primary()
+  log = lambda msg: primary and print(msg, file=sys.stderr, flush=True)  # pylint: disable=unnecessary-lambda-assignment
   runs, info = experiment.run_finetune(config, args.optimizers, args.seeds,
-                               progress=not args.no_progress, log=log)
+                               progress=primary and not args.no_progress, log=log)
   return runs, {"model": args.model, "examples": args.examples,
                 "test_examples": args.test_examples, "max_len": args.max_len,
                 "learning_rate": args.lr, "batch_size": args.batch_size,
                 "optimizers": [a.label for a in args.optimizers], "seeds": list(args.seeds),
-                "smoke": args.smoke, **info}
+                "smoke": args.smoke, "mesh": args.mesh, **info}
+
+
+def _primary() -> bool:
+  """Whether this is process 0 (the one that prints and writes files)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  return jax.process_index() == 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.from_dir is None:
+    cli.init_distributed(args, parser)
   if args.from_dir is not None:
     runs = json.loads((args.from_dir / "summary.json").read_text())["runs"]
     out = Path(args.out or args.from_dir)
@@ -146,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     runs, config = collect(args)
     config["total_wall_time_s"] = time.perf_counter() - start
+    if not _primary():
+      return 0
     out = Path(args.out)
     reporting.write_summary(out, runs, config)
   rows = analyse(runs)

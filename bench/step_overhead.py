@@ -54,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import LEARNING_RATE, QUANTUM_WEIGHT, WEIGHT_DECAY, OptimizerArm, TrainStepArm, interleave, warm_process  # noqa: E402
-from _trees import SEED, count_params, layout_for_size, parse_size, transformer_shapes  # noqa: E402
+from _trees import SEED, count_params, layout_for_size, many_leaf_shapes, parse_size, transformer_shapes  # noqa: E402
 
 from qsgd_optax.tasks import cli  # noqa: E402
 
@@ -67,13 +67,17 @@ DEFAULT_COMBOS = (
     "paper/leaf/gradient,paper/all/gradient,sine/all/gradient,"
     "paper/leaf/update,entangled/all/gradient,paper/model/gradient"
 )
+DEFAULT_LEAVES = "32,128,512"
+LEAF_COMBOS = ("paper/leaf/gradient,paper/leaf/update,paper/model/gradient,sine/leaf/gradient")
 DEFAULT_TRAIN = "classifier,lm"
 TRAIN_TASKS = ("classifier", "lm")
 TRAIN_COMBOS = (("paper", "leaf", "gradient"), ("paper", "leaf", "update"))
 DEFAULTS = dict(sizes=DEFAULT_SIZES, combos=DEFAULT_COMBOS, pairs=50,
-                warmup=3, budget_s=60.0, min_pairs=3, train_steps=DEFAULT_TRAIN)
+                warmup=3, budget_s=60.0, min_pairs=3, train_steps=DEFAULT_TRAIN,
+                leaves=DEFAULT_LEAVES, leaf_combos=LEAF_COMBOS)
 SMOKE = dict(sizes="64k", combos="paper/leaf/gradient,sine/all/gradient",
-             pairs=5, warmup=1, budget_s=10.0, min_pairs=3, train_steps="classifier")
+             pairs=5, warmup=1, budget_s=10.0, min_pairs=3, train_steps="classifier",
+             leaves="8", leaf_combos="paper/leaf/gradient")
 DEFAULT_OUT = Path("bench") / "results" / "step_overhead"
 PNG_NAME = "step_overhead.png"
 
@@ -86,6 +90,11 @@ RATIO_TARGETS = (
     (("paper", "all", "gradient"), None, 2.0),
 )
 COMPILE_TARGET = ("paper", 8_000_000, 1.0)  # circuit, size, extra seconds
+# Leaf-count sweep: every combination, at every leaf count, steps within
+# LEAF_RATIO of AdamW; at LEAF_COMPILE_AT leaves and more it compiles within
+# max(factor x AdamW, AdamW + extra seconds).
+LEAF_RATIO = 1.05
+LEAF_COMPILE_AT, LEAF_COMPILE_FACTOR, LEAF_COMPILE_EXTRA = 128, 1.25, 1.5
 TRAIN_TARGET = (("paper", "leaf"), 1.02)  # full train step, any modulate
 
 
@@ -101,6 +110,17 @@ def _sizes_arg(text: str) -> list[tuple[str, int]]:
     return [(label, parse_size(label)) for label in labels]
   except ValueError as e:
     raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _leaves_arg(text: str) -> list[int]:
+  try:
+    counts = [int(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    counts = []
+  if not counts or any(c < 2 or c % 2 for c in counts):
+    raise argparse.ArgumentTypeError(
+        f"expected a comma list of even leaf counts >= 2 such as 32,128,512, or 'none'; got {text!r}")
+  return counts
 
 
 def _combos_arg(text: str) -> list[tuple[str, str, str]]:
@@ -154,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--train-steps", type=cli.names_arg(TRAIN_TASKS, empty="none"), default=None,
                       help="comma list of full Flax train steps to time too, from "
                            f"{'|'.join(TRAIN_TASKS)}, or 'none' (default: {DEFAULT_TRAIN})")
+  parser.add_argument("--leaves", default=None, metavar="COUNTS",
+                      help="comma list of leaf counts for the many-small-arrays sweep (64x96 kernels "
+                           f"and 96 biases), or 'none' (default: {DEFAULT_LEAVES})")
+  parser.add_argument("--leaf-combos", type=_combos_arg, default=None, metavar="COMBOS",
+                      help=f"combinations timed in the leaf sweep (default: {LEAF_COMBOS})")
   parser.add_argument("--min-pairs", type=cli.int_arg(1), default=None,
                       help=f"pairs run even past the budget (default: {DEFAULTS['min_pairs']})")
   return parser
@@ -171,6 +196,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       setattr(args, name, preset[name])
   if args.train_steps is None:
     args.train_steps = cli.names_arg(TRAIN_TASKS, empty="none")(preset["train_steps"])
+  leaves = preset["leaves"] if args.leaves is None else args.leaves
+  try:
+    args.leaves = [] if leaves.strip() == "none" else _leaves_arg(leaves)
+  except argparse.ArgumentTypeError as e:
+    build_parser().error(f"argument --leaves: {e}")
+  if args.leaf_combos is None:
+    args.leaf_combos = _combos_arg(preset["leaf_combos"])
   return args
 
 
@@ -204,6 +236,35 @@ def run_case(label: str, n_target: int, combo, args, device: str):
     case["meets_target"] = all(targets.values())
   extras.update({"size": label, "d_model": d, "n_layers": n_layers, "vocab": vocab,
                  "targets_met": targets})
+  adamw.close()
+  qsgd.close()
+  gc.collect()
+  return case, extras
+
+
+def check_leaf_targets(case: dict) -> dict[str, bool]:
+  """The leaf-sweep targets of a case, each mapped to whether it is met."""
+  out = {f"ratio <= {LEAF_RATIO:g}": bool(case["ratio"] <= LEAF_RATIO)}
+  if case["leaves"] >= LEAF_COMPILE_AT:
+    adamw = case["compile_s_adamw"]
+    limit = max(LEAF_COMPILE_FACTOR * adamw, adamw + LEAF_COMPILE_EXTRA)
+    out[f"compile <= max({LEAF_COMPILE_FACTOR:g}x, +{LEAF_COMPILE_EXTRA:g} s)"] = bool(
+        case["compile_s_qsgd"] <= limit)
+  return out
+
+
+def run_leaves_case(n_leaves: int, combo, args, device: str):
+  """Times one (leaf count, combination) case of the many-small-arrays sweep."""
+  shapes = many_leaf_shapes(n_leaves)
+  n_params, n_leaves = count_params(shapes)
+  adamw = OptimizerArm("adamw", None, shapes)
+  qsgd = OptimizerArm("qsgd", combo, shapes)
+  case, extras = interleave(adamw, qsgd, args, f"{n_leaves} leaves {'/'.join(combo)}", n_params,
+                            n_leaves, combo, device)
+  targets = check_leaf_targets(case)
+  case["target"] = "; ".join(targets)
+  case["meets_target"] = all(targets.values())
+  extras.update({"size": f"{n_leaves} leaves", "targets_met": targets})
   adamw.close()
   qsgd.close()
   gc.collect()
@@ -317,22 +378,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   dev = jax.devices()[0]
   device = f"{dev} ({dev.platform})"
-  cases_todo = [(label, n, combo) for label, n in args.sizes for combo in args.combos]
+  cases_todo = [("size", label, n, combo) for label, n in args.sizes for combo in args.combos]
+  cases_todo += [("leaves", f"{n} leaves", n, combo) for n in args.leaves for combo in args.leaf_combos]
   train_combos = TRAIN_COMBOS[:1] if args.smoke else TRAIN_COMBOS
-  cases_todo += [(f"train {t}", None, combo) for t in args.train_steps for combo in train_combos]
+  cases_todo += [("train", f"train {t}", t, combo) for t in args.train_steps for combo in train_combos]
   print(f"step overhead: {len(cases_todo)} cases on {device}, "
         f"{args.pairs} pairs (budget {args.budget_s:g} s per case), "
         f"{args.warmup} warm-up calls", flush=True)
   t_start = time.perf_counter()
-  warm_process(args.combos)
+  warm_process(list(args.combos) + list(args.leaf_combos))
   cases, runs = [], []
   bar = tqdm(cases_todo, desc="cases", unit="case", file=sys.stderr)
-  for label, n, combo in bar:
+  for kind, label, what, combo in bar:
     bar.set_postfix_str(f"{label} {'/'.join(combo)}")
-    if n is None:
-      case, extras = run_train_case(label.split()[1], combo, args, device)
+    if kind == "train":
+      case, extras = run_train_case(what, combo, args, device)
+    elif kind == "leaves":
+      case, extras = run_leaves_case(what, combo, args, device)
     else:
-      case, extras = run_case(label, n, combo, args, device)
+      case, extras = run_case(label, what, combo, args, device)
     cases.append(case)
     runs.append({"optimizer": "qsgd", "quantum_weight": QUANTUM_WEIGHT,
                  "seed": SEED, **case, **extras})
@@ -348,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       "size_params": {label: n for label, n in args.sizes},
       "combos": ["/".join(c) for c in args.combos],
       "train_steps": list(args.train_steps),
+      "leaves": list(args.leaves),
+      "leaf_combos": ["/".join(c) for c in args.leaf_combos],
       "pairs": args.pairs,
       "warmup": args.warmup,
       "budget_s": args.budget_s,

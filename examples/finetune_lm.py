@@ -17,9 +17,17 @@ Examples::
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python examples/finetune_lm.py --model tiny --mesh data=2,fsdp=4 --batch-size 8
 
-On several hosts, start the same command on every host with
-``--distributed`` (``jax.distributed.initialize()`` reads the cluster from
-the environment) and a ``--mesh`` covering all devices of all hosts.
+On several hosts (processes), start the same command once per process with
+``--coordinator HOST:PORT --num-processes N --process-id I`` (or
+``--distributed`` where ``jax.distributed.initialize()`` detects the
+cluster: SLURM, a TPU pod slice, Open MPI) and a ``--mesh`` covering the
+devices of all processes; every process feeds only its own shards of each
+global batch, process 0 alone prints and writes ``summary.json`` and the
+PNG, every process writes its Orbax shards. On one machine,
+``examples/launch_local.py`` starts them::
+
+  python examples/launch_local.py --processes 2 --devices-per-process 2 -- \\
+      examples/finetune_lm.py --smoke --mesh data=2,fsdp=2 --batch-size 4 --out /tmp/lm2
 
 ``DIR/summary.json`` (``--out DIR``) holds ``{"runs": [...], "config":
 {...}}``; each run has optimizer, quantum_weight, modulate, circuit, scope,
@@ -129,15 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="data=N,fsdp=M",
                       help="shard over a device mesh: data parallel x FSDP; "
                            "N*M must equal the device count")
-  parser.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() first "
-                           "(multi-host)")
   parser.add_argument("--n-qubits", type=cli.int_arg(1), default=4,
                       help="QSGD register size (default: %(default)s)")
   parser.add_argument("--cache", default=None, metavar="DIR",
                       help="download cache (default: $QSGD_OPTAX_CACHE or "
                            "~/.cache/qsgd_optax)")
   cli.add_long_run_args(parser, skipped="micro-batches")
+  cli.add_distributed_args(parser)
   return parser
 
 
@@ -152,9 +158,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     flag = "--resume" if args.resume else "--checkpoint-every"
     parser.error(f"argument {flag}: needs --out DIR (checkpoints go to "
                  "DIR/checkpoints)")
-  if args.distributed:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.distributed.initialize()
+  cli.init_distributed(args, parser)
   if args.mesh is not None:
     import jax  # pylint: disable=import-outside-toplevel
     size = args.mesh["data"] * args.mesh["fsdp"]
@@ -170,7 +174,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the experiment and prints the table; returns the exit status."""
   args = parse_args(argv)
+  import jax  # pylint: disable=import-outside-toplevel
+
   from qsgd_optax.tasks.lm import experiment  # pylint: disable=import-outside-toplevel
+
+  # Every process runs the same program; process 0 alone prints and writes files.
+  primary = jax.process_index() == 0
 
   config = experiment.FinetuneConfig(
       model=args.model, examples=args.examples,
@@ -184,12 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       n_qubits=args.n_qubits, cache=args.cache,
       max_nonfinite=args.max_nonfinite)
   start = time.perf_counter()
-  log = lambda msg: print(msg, file=sys.stderr, flush=True)  # pylint: disable=unnecessary-lambda-assignment
+  log = lambda msg: primary and print(msg, file=sys.stderr, flush=True)  # pylint: disable=unnecessary-lambda-assignment
   checkpoint_dir = (args.out / "checkpoints"
                     if args.checkpoint_every is not None or args.resume else None)
   try:
     runs, info = experiment.run_finetune(
-        config, args.optimizers, args.seeds, progress=not args.no_progress,
+        config, args.optimizers, args.seeds, progress=primary and not args.no_progress,
         log=log, checkpoint_dir=checkpoint_dir,
         checkpoint_every=args.checkpoint_every, keep=args.keep,
         resume=args.resume)
@@ -197,7 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"finetune_lm.py: error: {e}", file=sys.stderr)
     return 1
   total = time.perf_counter() - start
+  warnings = reporting.divergence_warnings(runs)
+  status = 3 if warnings and args.fail_on_divergence else 0
+  if not primary:
+    return status
   print(experiment.comparison_table(runs))
+  for line in warnings:
+    print(line, file=sys.stderr)
   steps = runs[0]["steps"] if runs else 0
   print(f"{info['n_train']} training examples, {steps} optimizer "
         f"steps per run, {info['n_test']} held-out examples; "
@@ -214,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         xlabel="micro-step", title=f"{config.model}: one epoch on "
         f"{info['n_train']} GSM-Symbolic problems")
     print(f"wrote {path} and {png}")
-  return 0
+  return status
 
 
 if __name__ == "__main__":

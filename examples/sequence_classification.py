@@ -128,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   def run_one(arm: arms.Arm, seed: int) -> dict:
     return experiment.train_and_evaluate(
         config, arm, seed, dataset=dataset, progress=not args.no_progress, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume)
+        checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
   try:
     runs = running.run_arms(args.optimizers, args.seeds, run_one, progress=not args.no_progress)
@@ -139,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   print()
   print(experiment.comparison_table(runs, config.target_accuracy))
   print(f"\ntotal wall time {total:.0f} s")
+  warnings = reporting.divergence_warnings(runs)
+  for line in warnings:
+    print(line, file=sys.stderr)
 
   summary_config = {**dataclasses.asdict(config), "optimizers": [a.label for a in args.optimizers],
                     "seeds": list(args.seeds), "smoke": args.smoke, "data": dataset.info,
@@ -149,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       [("test_accuracy", "test accuracy"), ("train_loss", "training loss")],
       title=f"{dataset.name} task, {config.attention} attention (mean over seeds, min-max band)")
   print(f"wrote {path} and {png}")
-  return 0
+  return 3 if warnings and args.fail_on_divergence else 0
 
 
 if __name__ == "__main__":

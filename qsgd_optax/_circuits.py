@@ -30,6 +30,9 @@ Three circuits are built in:
 
 Any callable with the signature above is accepted too (for example a user's
 own QNode); its output shape is checked once per callable and register size.
+The paper's circuit on another PennyLane device (``lightning.qubit``,
+``qiskit.aer``, finite shots) is built by ``_devices.make_device_qnode`` from
+the same gate sequence (:func:`paper_gates`).
 
 Both gates take the angle ``pi * y`` with ``y = theta - 2 * round(theta / 2)``
 in ``[-1, 1]``: the rotations are ``4 pi``-periodic up to a global phase, so
@@ -51,7 +54,7 @@ import math
 import numbers
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -255,21 +258,28 @@ class QNodeCircuit:
 
   Calling it maps ``theta: float[B, n_qubits]`` to the signed readouts
   ``float[B, n_qubits]`` (``sin(pi * theta)`` for the ``"paper"`` readout),
-  in ``theta``'s precision (at least float32), jitted and traced into any
-  enclosing XLA program.
+  in ``theta``'s precision (at least float32), jitted. On ``default.qubit``
+  (:func:`make_qnode`, or :func:`make_device_qnode` without shots) it is
+  traced into any enclosing XLA program; on any other device
+  (:func:`make_device_qnode`) it is one host callback per call.
 
   Attributes:
-    qnode: the underlying QNode (``default.qubit``, ``interface="jax"``,
-      ``diff_method="backprop"``); it takes the reduced ``theta`` and returns
-      the raw expectation values, one ``float[B]`` per wire, before the sign.
+    qnode: the underlying QNode (:func:`make_qnode`: ``default.qubit``,
+      ``interface="jax"``, ``diff_method="backprop"``); it takes the reduced
+      ``theta`` and returns the raw expectation values, one ``float[B]`` per
+      wire, before the sign.
     n_qubits: the number of wires.
     readout: ``"paper"`` or ``"entangled"``.
+    device: the PennyLane device the QNode runs on.
+    shots: the shots the readouts are sampled with, or ``None`` (analytic).
   """
 
   qnode: Any
   n_qubits: int
   readout: str
   _fn: Callable[[jax.Array], jax.Array] = dataclasses.field(repr=False)
+  device: Any = dataclasses.field(default=None, repr=False)
+  shots: int | None = None
 
   def __call__(self, theta: jax.Array) -> jax.Array:
     dtype = _real_dtype(theta)
@@ -335,29 +345,58 @@ def make_qnode(n_qubits: int, readout: str = "paper") -> QNodeCircuit:
                         _check_readout(readout))
 
 
-@functools.lru_cache(maxsize=None)
-def _qnode_circuit(n_qubits: int, readout: str) -> QNodeCircuit:
+def paper_gates(y: jax.Array, wires: Sequence[Any], readout: str) -> tuple[Any, ...]:
+  """Queues the paper's gates on ``wires`` and returns the readout's expvals.
+
+  On each wire ``i``: Hadamard, ``RY(pi y_i)``, ``RZ(pi y_i)``; then
+  ``CNOT(i, i + 1)``. Returns ``qml.expval`` of ``Z_0`` and of ``Z_{i-1} Z_i``
+  (``"paper"``) or of every ``Z_i`` (``"entangled"``): the raw values, before
+  the sign. ``y: [..., n]`` holds the reduced angles (:func:`reduce_period2`);
+  leading axes are PennyLane's parameter broadcasting. To be called inside a
+  QNode's quantum function.
+  """
   import pennylane as qml  # pylint: disable=g-import-not-at-top
 
-  device = qml.device("default.qubit", wires=n_qubits)
+  wires = list(wires)
+  for i, wire in enumerate(wires):
+    angle = jnp.pi * y[..., i]
+    qml.Hadamard(wires=wire)
+    qml.RY(angle, wires=wire)
+    qml.RZ(angle, wires=wire)
+  for a, b in zip(wires[:-1], wires[1:]):
+    qml.CNOT(wires=[a, b])
+  if readout == "paper":
+    observables = [qml.PauliZ(wires[0])] + [
+        qml.PauliZ(a) @ qml.PauliZ(b) for a, b in zip(wires[:-1], wires[1:])
+    ]
+  else:
+    observables = [qml.PauliZ(w) for w in wires]
+  return tuple(qml.expval(o) for o in observables)
 
-  @qml.qnode(device, interface="jax", diff_method="backprop")
-  def qnode(y):
-    for i in range(n_qubits):
-      angle = jnp.pi * y[..., i]
-      qml.Hadamard(wires=i)
-      qml.RY(angle, wires=i)
-      qml.RZ(angle, wires=i)
-    for i in range(n_qubits - 1):
-      qml.CNOT(wires=[i, i + 1])
-    if readout == "paper":
-      observables = [qml.PauliZ(0)] + [
-          qml.PauliZ(i - 1) @ qml.PauliZ(i) for i in range(1, n_qubits)
-      ]
-    else:
-      observables = [qml.PauliZ(i) for i in range(n_qubits)]
-    return tuple(qml.expval(o) for o in observables)
 
+def build_circuit(device: Any, n_qubits: int, readout: str, *, traced: bool,
+                  shots: int | None = None) -> QNodeCircuit:
+  """The paper's circuit on ``device`` as a :class:`QNodeCircuit` (no checks).
+
+  ``traced``: an ``interface="jax"``, ``diff_method="backprop"`` QNode, traced
+  into the caller's XLA program (``default.qubit``). Otherwise an
+  ``interface="jax-jit"`` QNode without a gradient method: PennyLane runs the
+  device from a host callback, and the angles enter it through
+  ``lax.stop_gradient``, so no derivative is ever requested of the device.
+  ``shots``: the QNode's shots (``None``: the device's own).
+  """
+  import pennylane as qml  # pylint: disable=g-import-not-at-top
+
+  wires = list(device.wires) if device.wires else list(range(n_qubits))
+  kwargs = ({"interface": "jax", "diff_method": "backprop"} if traced
+            else {"interface": "jax-jit", "diff_method": None})
+  if shots is not None:
+    kwargs["shots"] = shots
+
+  def quantum_function(y):
+    return paper_gates(y, wires, readout)
+
+  qnode = qml.QNode(quantum_function, device, **kwargs)
   quiet = _quietly(qnode)
 
   # jit caches the traced QNode per batch shape and dtype: leaves of equal
@@ -365,11 +404,26 @@ def _qnode_circuit(n_qubits: int, readout: str) -> QNodeCircuit:
   @jax.jit
   def fn(theta: jax.Array) -> jax.Array:
     dtype = jnp.promote_types(theta.dtype, jnp.float32)
-    expvals = quiet(reduce_period2(theta.astype(dtype)))
+    y = reduce_period2(theta.astype(dtype))
+    if not traced:
+      y = jax.lax.stop_gradient(y)
+      # One register runs unbroadcast: a broadcast of size 1 with finite
+      # shots comes back from default.qubit with the batch axis dropped.
+      if y.shape[0] == 1:
+        y = y[0]
+    expvals = quiet(y)
     out = -jnp.stack([jnp.reshape(e, theta.shape[:1]) for e in expvals], -1)
     return out.astype(dtype)
 
-  circuit = QNodeCircuit(qnode, n_qubits, readout, fn)
+  return QNodeCircuit(qnode, n_qubits, readout, fn, device=device, shots=shots)
+
+
+@functools.lru_cache(maxsize=None)
+def _qnode_circuit(n_qubits: int, readout: str) -> QNodeCircuit:
+  import pennylane as qml  # pylint: disable=g-import-not-at-top
+
+  device = qml.device("default.qubit", wires=n_qubits)
+  circuit = build_circuit(device, n_qubits, readout, traced=True)
   BUILT_IN.add(circuit)
   return circuit
 
@@ -461,7 +515,8 @@ def resolve_circuit(circuit: str | Circuit, n_qubits: int) -> Modulator:
     if circuit.n_qubits != n_qubits:
       raise ValueError(
           f"circuit: this QNode circuit has {circuit.n_qubits} wires but "
-          f"n_qubits={n_qubits}; build it with make_qnode({n_qubits})."
+          f"n_qubits={n_qubits}; build it with make_qnode({n_qubits}) or "
+          f"make_device_qnode(device, {n_qubits})."
       )
     return Modulator(circuit, n_qubits, circuit.readout)
   if callable(circuit):

@@ -11,6 +11,10 @@ A circuit maps registers ``theta: float[B, n_qubits]`` to their modulation
 * :func:`make_qnode`: the paper's circuit as a PennyLane QNode wrapped into
   a ``circuit=`` callable (signs applied), cached per ``(n_qubits,
   readout)``.
+* :func:`make_device_qnode`: the same circuit on a PennyLane device of your
+  choice (``lightning.qubit``, ``qiskit.aer``, ...), optionally with finite
+  shots. ``default.qubit`` stays traced into XLA; any other device runs
+  through PennyLane's JAX-jit host callback, a host round trip per step.
 * :func:`sinpi`: the closed form ``sin(pi * theta)``, the oracle of the
   ``"paper"`` circuit.
 * :data:`MAX_QNODE_QUBITS`: the largest register the built-in QNodes
@@ -30,6 +34,7 @@ from qsgd_optax._circuits import QNodeCircuit as QNodeCircuit
 from qsgd_optax._circuits import READOUT_NAMES as READOUT_NAMES
 from qsgd_optax._circuits import resolve_circuit as resolve_circuit
 from qsgd_optax._circuits import sinpi as sinpi
+from qsgd_optax._devices import make_device_qnode as make_device_qnode
 from qsgd_optax._scope import SCOPE_NAMES as SCOPE_NAMES
 from qsgd_optax._scope import selected_mask as selected_mask
 from qsgd_optax._transform import MODULATE_NAMES as MODULATE_NAMES
@@ -43,6 +48,7 @@ __all__ = (
     "QNodeCircuit",
     "READOUT_NAMES",
     "SCOPE_NAMES",
+    "make_device_qnode",
     "make_qnode",
     "resolve_circuit",
     "selected_mask",

@@ -153,3 +153,40 @@ def test_finetune_lm_smoke(tmp_path):
   clash = _run("finetune_lm.py", "--smoke", "--out", str(tmp_path), "--checkpoint-every", "1000")
   assert clash.returncode == 1 and "already holds checkpoints" in clash.stderr
   assert "Traceback" not in clash.stderr
+
+
+CLF_LONG = ("--smoke", "--optimizers", "qsgd:0.5", "--seeds", "1", "--no-progress")
+
+
+def test_classification_resume_over_a_damaged_checkpoint_is_verified_and_equals_a_clean_run(tmp_path):
+  """The issue's scenario: bytes flipped in the newest checkpoint, then --resume for one more epoch."""
+  from test_checkpoint_faults import flip_bytes  # pylint: disable=import-outside-toplevel
+
+  first = _run("sequence_classification.py", *CLF_LONG, "--epochs", "1", "--checkpoint-every", "4",
+               "--out", str(tmp_path / "run"))
+  assert first.returncode == 0, first.stderr[-4000:]
+  run_dir = tmp_path / "run" / "checkpoints" / "qsgd_0.5-seed0"
+  newest = max((p for p in run_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+  flip_bytes(newest)
+  resumed = _run("sequence_classification.py", *CLF_LONG, "--epochs", "2", "--resume",
+                 "--out", str(tmp_path / "run"))
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert f"skipped step {newest.name}: its file state/" in resumed.stderr
+  assert "does not match its checksum" in resumed.stderr
+  clean = _run("sequence_classification.py", *CLF_LONG, "--epochs", "2", "--out", str(tmp_path / "clean"))
+  assert clean.returncode == 0, clean.stderr[-4000:]
+  got = json.loads((tmp_path / "run" / "summary.json").read_text())["runs"][0]
+  want = json.loads((tmp_path / "clean" / "summary.json").read_text())["runs"][0]
+  for key in ("train_loss", "test_loss", "test_accuracy", "final_accuracy"):
+    assert got[key] == want[key], key  # the same program on the same machine: bit-identical
+
+
+def test_classification_divergence_is_marked_warned_and_can_fail_the_exit_code(tmp_path):
+  args = ("--smoke", "--optimizers", "adamw,qsgd:1e6", "--seeds", "1", "--epochs", "1", "--no-progress",
+          "--out", str(tmp_path))
+  loud = _run("sequence_classification.py", *args)
+  assert loud.returncode == 0, loud.stderr[-4000:]
+  assert "qsgd:1e+06 (1/1 diverged)" in loud.stdout
+  assert "warning: qsgd:1e+06 seed 0 diverged" in loud.stderr and "adamw seed" not in loud.stderr
+  strict = _run("sequence_classification.py", *args, "--fail-on-divergence")
+  assert strict.returncode == 3 and "warning: qsgd:1e+06 seed 0 diverged" in strict.stderr

@@ -19,10 +19,12 @@ from qsgd_optax.tasks.arms import ARM_FORM, parse_arms, parse_seeds
 T = TypeVar("T")
 
 __all__ = [
+    "add_distributed_args",
     "add_common_args",
     "add_long_run_args",
     "checked",
     "docstring_parser",
+    "init_distributed",
     "int_arg",
     "names_arg",
 ]
@@ -102,6 +104,59 @@ def names_arg(accepted: Sequence[str], *, empty: str | None = None) -> Callable[
   return parse
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+  """Adds ``--coordinator HOST:PORT``, ``--num-processes N``, ``--process-id I`` and ``--distributed``.
+
+  The three name a ``jax.distributed`` cluster explicitly (all three or
+  none); ``--distributed`` lets ``jax.distributed.initialize()`` detect it
+  (SLURM, TPU pods, Open MPI, ...). :func:`init_distributed` acts on them.
+  """
+  group = parser.add_argument_group("several processes (jax.distributed)")
+  group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                     help="address of process 0's coordinator service; with --num-processes and "
+                          "--process-id (all three or none)")
+  group.add_argument("--num-processes", type=int_arg(1), default=None, metavar="N",
+                     help="how many processes take part")
+  group.add_argument("--process-id", type=int_arg(0), default=None, metavar="I",
+                     help="this process's id, 0 .. N-1 (0 writes the summary, plots and tables)")
+  group.add_argument("--distributed", action="store_true",
+                     help="call jax.distributed.initialize() with the cluster it detects "
+                          "(SLURM, TPU pod, Open MPI)")
+
+
+def init_distributed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
+  """Joins the processes named by :func:`add_distributed_args`' flags; returns whether it did.
+
+  Must run before anything touches a JAX backend. A partial set of the three
+  flags, or a process id outside ``0 .. N-1``, exits with an argparse error
+  naming them. On CPU the collectives across processes use gloo.
+  """
+  given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+           "--process-id": args.process_id}
+  named = [k for k, v in given.items() if v is not None]
+  if named and len(named) < 3:
+    missing = [k for k in given if k not in named]
+    parser.error(f"argument {named[0]}: {', '.join(named)} given without {', '.join(missing)}; "
+                 "pass all three (or --distributed to detect the cluster)")
+  if named and args.distributed:
+    parser.error("argument --distributed: not allowed with --coordinator/--num-processes/--process-id")
+  if named and not 0 <= args.process_id < args.num_processes:
+    parser.error(f"argument --process-id: {args.process_id} is not in 0 .. {args.num_processes - 1}")
+  if named and args.coordinator.rpartition(":")[2].isdigit() is False:
+    parser.error(f"argument --coordinator: expected HOST:PORT, got {args.coordinator!r}")
+  if not named and not args.distributed:
+    return False
+  import jax  # pylint: disable=import-outside-toplevel
+
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if named:
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  else:
+    jax.distributed.initialize()
+  return True
+
+
 def docstring_parser(doc: str) -> argparse.ArgumentParser:
   """An ArgumentParser whose description is ``doc``'s first paragraph and epilog the rest."""
   return argparse.ArgumentParser(
@@ -148,7 +203,7 @@ def add_common_args(
 
 
 def add_long_run_args(parser: argparse.ArgumentParser, *, skipped: str = "optimizer steps") -> None:
-  """Adds the examples' ``--checkpoint-every``, ``--keep``, ``--resume`` and ``--max-nonfinite``.
+  """Adds the examples' ``--checkpoint-every``, ``--keep``, ``--resume``, ``--fail-on-divergence`` and ``--max-nonfinite``.
 
   ``skipped`` names what a non-finite gradient skips (steps or micro-batches).
   """
@@ -160,6 +215,9 @@ def add_long_run_args(parser: argparse.ArgumentParser, *, skipped: str = "optimi
   parser.add_argument("--resume", action="store_true",
                       help="continue every run from its latest complete checkpoint under "
                            "DIR/checkpoints")
+  parser.add_argument("--fail-on-divergence", action="store_true",
+                      help="exit with status 3 when a run ends with a non-finite loss (it is always "
+                           "marked in the table and warned about)")
   parser.add_argument("--max-nonfinite", type=int_arg(1), default=None, metavar="N",
                       help=f"skip {skipped} with a non-finite gradient (optax.apply_if_finite), "
                            "count them in summary.json (nonfinite_steps) and stop after N in a "

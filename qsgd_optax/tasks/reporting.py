@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "arm_label",
+    "divergence_warnings",
     "format_table",
     "group_runs",
     "mean_std",
@@ -34,6 +36,27 @@ def group_runs(runs: Iterable[Mapping[str, Any]], key: str = "arm") -> dict[str,
   for run in runs:
     groups.setdefault(str(run[key]), []).append(run)
   return groups
+
+
+def divergence_warnings(runs: Iterable[Mapping[str, Any]]) -> list[str]:
+  """One warning line per run whose record says ``"diverged": True``, naming its arm and seed.
+
+  >>> divergence_warnings([{"arm": "adamw", "seed": 0, "diverged": False},
+  ...                      {"arm": "qsgd:0.9", "seed": 2, "diverged": True}])
+  ['warning: qsgd:0.9 seed 2 diverged (non-finite loss); its numbers are not comparable']
+  """
+  return [f"warning: {r['arm']} seed {r['seed']} diverged (non-finite loss); its numbers are not comparable"
+          for r in runs if r.get("diverged")]
+
+
+def arm_label(label: str, group: Sequence[Mapping[str, Any]]) -> str:
+  """``label``, marked with how many of its runs diverged (if any), for tables.
+
+  >>> arm_label("qsgd:0.9", [{"diverged": True}, {"diverged": False}])
+  'qsgd:0.9 (1/2 diverged)'
+  """
+  n = sum(bool(r.get("diverged")) for r in group)
+  return f"{label} ({n}/{len(group)} diverged)" if n else label
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:

@@ -43,7 +43,7 @@ from qsgd_optax.tasks.arms import Arm, make_optimizer, parse_arm  # noqa: F401  
 from qsgd_optax.tasks.classification import text_data
 from qsgd_optax.tasks.classification.quantum_attention import METHODS
 from qsgd_optax.tasks.classification.transformer import ATTENTIONS, POOLINGS, TransformerClassifier, create_model
-from qsgd_optax.tasks.reporting import format_table, group_runs, mean_std
+from qsgd_optax.tasks.reporting import arm_label, format_table, group_runs, mean_std
 from qsgd_optax.tasks.running import NonFiniteError, progress_bar
 
 __all__ = [
@@ -276,6 +276,7 @@ def train_and_evaluate(
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
     return_state: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], nnx.State]:
   """Trains one model with one optimizer arm and returns its run record.
 
@@ -297,14 +298,18 @@ def train_and_evaluate(
       ``resume=True``.
     checkpoint_every: also checkpoint every this many optimizer steps.
     keep: how many checkpoints to keep.
-    resume: continue from the latest complete checkpoint in the run's
-      directory (incomplete saves are ignored; none there: start afresh).
-      The run then ends bit-identical to an uninterrupted one. ``epochs``
+    resume: continue from the newest complete checkpoint in the run's
+      directory that reads and matches its digests (incomplete saves are
+      ignored, damaged ones skipped with a note to ``log``; none there:
+      start afresh; only damaged ones: a CheckpointError). The run then
+      ends bit-identical to an uninterrupted one. ``epochs``
       may differ from the checkpointed run's (train on); every other
       field of ``config``, the arm and the seed must match.
     on_step: called with the number of optimizer steps done after every
       step (after that step's checkpoint, if any); raising stops the run.
     return_state: also return the final ``nnx.state((model, optimizer))``.
+    log: receives the one-line notes on skipped checkpoints (default: a
+      ``RuntimeWarning``).
 
   Returns:
     A JSON-ready record: the arm's fields and ``seed``; per-epoch lists
@@ -351,7 +356,7 @@ def train_and_evaluate(
                                  keep=keep, resume=resume)
   try:  # the checkpoint manager is closed on every way out
     if checkpoints is not None and checkpoints.latest is not None:
-      tree, saved = checkpoints.restore(nnx.to_pure_dict(state))
+      tree, saved = checkpoints.restore(nnx.to_pure_dict(state), log=log)
       nnx.replace_by_pure_dict(state, tree)
       first_epoch, first_position, global_step = saved["epoch"], saved["position"], saved["step"]
       if first_epoch > config.epochs or (first_epoch == config.epochs and first_position):
@@ -459,7 +464,7 @@ def comparison_table(runs: Sequence[Mapping[str, Any]], target_accuracy: float =
     to_target = mean_std(reached)
     step_ms = mean_std(1e3 * r["mean_step_time_s"] for r in group)
     rows.append([
-        label, len(group), _fmt(*final),
+        arm_label(label, group), len(group), _fmt(*final),
         f"{_fmt(*to_target, digits=1)} ({len(reached)}/{len(group)})",
         _fmt(*step_ms, digits=2),
     ])

@@ -248,6 +248,7 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[Arm],
     raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}.")
   from qsgd_optax.tasks.lm import gsm_data  # pylint: disable=import-outside-toplevel
 
+  checkpoint_log = log  # None: skipped checkpoints are a RuntimeWarning
   log = log or (lambda msg: None)
   mesh = None
   if config.mesh is not None:
@@ -358,8 +359,9 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[Arm],
 
     try:
       if checkpoints is not None and checkpoints.latest is not None:
-        _check_state_paths(checkpoints.progress(), (params, opt_state), checkpoints.directory)
-        tree, prior = checkpoints.restore(_state_tree(params, opt_state))
+        tree, prior = checkpoints.restore(
+            _state_tree(params, opt_state), log=checkpoint_log,
+            check=lambda saved: _check_state_paths(saved, (params, opt_state), checkpoints.directory))
         params, opt_state = jax.tree.unflatten(jax.tree.structure((params, opt_state)),
                                                [tree[k] for k in sorted(tree)])
         log(f"{arm.label} seed={seed}: resumed at micro-batch {prior['micro_step']} "
@@ -379,6 +381,7 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[Arm],
     tail = losses[-max(1, len(losses) // 10):]
     record = {  # skipped (non-finite) micro-batches are left out of the means
         "final_loss": finite_mean(tail),
+        "diverged": not (math.isfinite(finite_mean(tail)) and math.isfinite(after)),
         "mean_loss": finite_mean(losses),
         "eval_loss_before": eval_before[key],
         "eval_loss_after": after,
@@ -425,7 +428,7 @@ def comparison_table(runs: Sequence[Mapping[str, Any]]) -> str:
     rel = ("" if label == "adamw" or not math.isfinite(base_mean)
            else f"{100 * (m - base_mean) / base_mean:+.2f}%")
     mean = f"{m:.4f}" + (f" +- {s:.4f}" if n > 1 else "")
-    rows.append([label, n, mean, rel, f"{fin:.4f}", f"{before:.4f}",
+    rows.append([reporting.arm_label(label, group), n, mean, rel, f"{fin:.4f}", f"{before:.4f}",
                  f"{after:.4f}", f"{tps:.0f}", f"{wall:.0f}"])
   return reporting.format_table(
       ["optimizer", "runs", "mean loss", "vs adamw", "final loss",

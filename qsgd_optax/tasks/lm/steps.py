@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from qsgd_optax.tasks import arms
 from qsgd_optax.tasks.lm.batching import Batch
@@ -77,10 +78,25 @@ def loss_fn(graphdef: nnx.GraphDef, params: Any,
 
 def make_grad_fn(graphdef: nnx.GraphDef,
                  param_sharding: Any = None) -> Callable[..., Any]:
-  """Jitted ``(params, batch) -> (loss, grads)``; grads take ``param_sharding``."""
+  """Jitted ``(params, batch) -> (loss, grads)``; grads take ``param_sharding``.
+
+  With ``param_sharding`` (FSDP), the parameters are gathered whole for the
+  forward and backward pass (ZeRO-3: each device holds its shard between
+  steps, the whole model while computing) and the gradients are
+  reduce-scattered back to the shards. Left to itself, the partitioner
+  would instead reshard the batch-sharded activations to the parameters'
+  layout, which it can only do by replicating them ("Involuntary full
+  rematerialization").
+  """
+  def gathered(params):
+    if param_sharding is None:
+      return params
+    return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, s.update(spec=P())),
+                        params, param_sharding)
+
   def grad_fn(params, batch):
     (loss, _), grads = jax.value_and_grad(
-        lambda p: loss_fn(graphdef, p, batch), has_aux=True)(params)
+        lambda p: loss_fn(graphdef, gathered(p), batch), has_aux=True)(params)
     return loss, grads
 
   out = None if param_sharding is None else (None, param_sharding)
