@@ -27,7 +27,7 @@ PNG, every process writes its Orbax shards. On one machine,
 ``examples/launch_local.py`` starts them::
 
   python examples/launch_local.py --processes 2 --devices-per-process 2 -- \\
-      examples/finetune_lm.py --smoke --mesh data=2,fsdp=2 --batch-size 4 --out /tmp/lm2
+      examples/finetune_lm.py --smoke --mesh data=2,fsdp=2 --out /tmp/lm2
 
 ``DIR/summary.json`` (``--out DIR``) holds ``{"runs": [...], "config":
 {...}}``; each run has optimizer, quantum_weight, modulate, circuit, scope,
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--mesh", type=_mesh_arg, default=None,
                       metavar="data=N,fsdp=M",
                       help="shard over a device mesh: data parallel x FSDP; "
-                           "N*M must equal the device count")
+                           "N*M must equal the device count (of all processes); "
+                           "--batch-size then defaults to N*M")
   parser.add_argument("--n-qubits", type=cli.int_arg(1), default=4,
                       help="QSGD register size (default: %(default)s)")
   parser.add_argument("--cache", default=None, metavar="DIR",
@@ -165,6 +166,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if size != jax.device_count():
       parser.error(f"argument --mesh: data*fsdp = {size} does not match the "
                    f"{jax.device_count()} available devices")
+    if not any(a == "--batch-size" or a.startswith("--batch-size=") for a in argv):
+      args.batch_size = size  # one example per device unless asked otherwise
     if args.batch_size % size:
       parser.error(f"argument --batch-size: {args.batch_size} is not a "
                    f"multiple of the mesh size {size}")

@@ -11,7 +11,7 @@ status (or 124 when ``--timeout`` passes), 0 when all succeed.
 Examples::
 
   python examples/launch_local.py --processes 2 --devices-per-process 2 -- \\
-      examples/finetune_lm.py --smoke --mesh data=2,fsdp=2 --batch-size 4 --out /tmp/lm2
+      examples/finetune_lm.py --smoke --mesh data=2,fsdp=2 --out /tmp/lm2
 
 The real thing on a cluster needs no launcher: start the script once per
 host with the three flags (or ``--distributed`` where JAX detects the

@@ -31,6 +31,13 @@ each run from its latest complete checkpoint (runs without one start
 afresh) and ends exactly where an uninterrupted run ends; it may ask for
 more ``--epochs`` than the checkpointed run, but every other setting must
 match, or it stops with an error naming the mismatching settings.
+
+Several devices or processes: ``--data-parallel`` splits every batch over
+all devices; under ``jax.distributed`` (``--coordinator HOST:PORT
+--num-processes N --process-id I``, or ``--distributed``) it is implied,
+every process feeds its own rows, and process 0 alone prints and writes
+files. ``examples/launch_local.py --processes 2 -- examples/sequence_classification.py
+--smoke`` tries it on one machine.
 """
 
 from __future__ import annotations
@@ -84,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--weight-decay", type=float, default=0.0,
                       help="decoupled weight decay (default: %(default)s)")
   cli.add_long_run_args(parser)
+  parser.add_argument("--data-parallel", action="store_true",
+                      help="split every batch over all devices (of all processes); implied with several "
+                           "processes; --batch-size must be a multiple of the device count")
+  cli.add_distributed_args(parser)
   # None marks "not given", so --smoke can fill in its own values.
   parser.set_defaults(optimizers=None, seeds=None)
   return parser
@@ -114,46 +125,72 @@ def _fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
   return args
 
 
+def _mesh(args: argparse.Namespace, parser: argparse.ArgumentParser):
+  """The data-parallel mesh over every device of every process, or None for one device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  if not (args.data_parallel or jax.process_count() > 1):
+    return None
+  if args.batch_size % jax.device_count():
+    parser.error(f"argument --batch-size: {args.batch_size} is not a multiple of the "
+                 f"{jax.device_count()} devices the batch is split over")
+  return jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _fill_defaults(build_parser().parse_args(argv))
+  parser = build_parser()
+  args = _fill_defaults(parser.parse_args(argv))
+  cli.init_distributed(args, parser)
+  mesh = _mesh(args, parser)
+  import jax  # pylint: disable=import-outside-toplevel
+
+  primary = jax.process_index() == 0  # every process trains; process 0 alone prints and writes
   config = make_config(args)
   start = time.perf_counter()
   dataset = experiment.load_task(config)
-  print(f"task {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test sequences of length "
-        f"{dataset.seq_len}, vocab {dataset.vocab_size}; {config.attention} attention; "
-        f"arms {', '.join(a.label for a in args.optimizers)}; seeds {list(args.seeds)}", flush=True)
+  if primary:
+    print(f"task {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test sequences of length "
+          f"{dataset.seq_len}, vocab {dataset.vocab_size}; {config.attention} attention; "
+          f"arms {', '.join(a.label for a in args.optimizers)}; seeds {list(args.seeds)}"
+          + (f"; data parallel over {mesh.size} devices, {jax.process_count()} processes" if mesh else ""),
+          flush=True)
 
   checkpoint_dir = args.out / "checkpoints" if args.checkpoint_every or args.resume else None
 
   def run_one(arm: arms.Arm, seed: int) -> dict:
     return experiment.train_and_evaluate(
-        config, arm, seed, dataset=dataset, progress=not args.no_progress, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
-        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        config, arm, seed, dataset=dataset, progress=primary and not args.no_progress,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every, keep=args.keep,
+        resume=args.resume, log=lambda msg: primary and print(msg, file=sys.stderr, flush=True), mesh=mesh)
 
   try:
-    runs = running.run_arms(args.optimizers, args.seeds, run_one, progress=not args.no_progress)
+    runs = running.run_arms(args.optimizers, args.seeds, run_one, progress=primary and not args.no_progress)
   except (_checkpoints.CheckpointError, running.NonFiniteError) as e:
     print(f"sequence_classification.py: error: {e}", file=sys.stderr)
     return 1
   total = time.perf_counter() - start
+  warnings = reporting.divergence_warnings(runs)
+  status = 3 if warnings and args.fail_on_divergence else 0
+  if not primary:
+    return status
   print()
   print(experiment.comparison_table(runs, config.target_accuracy))
   print(f"\ntotal wall time {total:.0f} s")
-  warnings = reporting.divergence_warnings(runs)
   for line in warnings:
     print(line, file=sys.stderr)
 
   summary_config = {**dataclasses.asdict(config), "optimizers": [a.label for a in args.optimizers],
                     "seeds": list(args.seeds), "smoke": args.smoke, "data": dataset.info,
-                    "total_wall_time_s": total}
+                    "total_wall_time_s": total, "devices": mesh.size if mesh else 1,
+                    "processes": jax.process_count()}
   path = reporting.write_summary(args.out, runs, summary_config)
   png = reporting.plot_curves(
       runs, args.out / "curves.png",
       [("test_accuracy", "test accuracy"), ("train_loss", "training loss")],
       title=f"{dataset.name} task, {config.attention} attention (mean over seeds, min-max band)")
   print(f"wrote {path} and {png}")
-  return 3 if warnings and args.fail_on_divergence else 0
+  return status
 
 
 if __name__ == "__main__":

@@ -78,6 +78,26 @@ def test_two_process_resume_is_bit_identical(two_processes, tmp_path):
     assert got[key] == want[key], key  # the same program on the same machine
 
 
+def test_a_two_process_checkpoint_resumes_on_one_process(two_processes, tmp_path):
+  """Another process count, the same 2 x 2 mesh: Orbax reshards, the files and arrays still verify."""
+  _, out = two_processes
+  want = _run_record(out)
+  shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+  run_dir = next((tmp_path / "checkpoints").iterdir())
+  steps = sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit())
+  for step in steps[1:]:
+    shutil.rmtree(run_dir / str(step))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  proc = subprocess.run([sys.executable, str(LM), *ARGS, "--checkpoint-every", "1", "--resume", "--out",
+                         str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT_S, env=env)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "skipped" not in proc.stderr
+  got = _run_record(tmp_path)
+  assert got["resumed_at"] == steps[0]
+  # Another program for the steps after the resume (no cross-process reductions): float rounding.
+  np.testing.assert_allclose(got["loss_curve"], want["loss_curve"], rtol=1e-4)
+
+
 def test_a_damaged_shard_of_one_process_is_skipped_by_both(tmp_path):
   """FSDP over all 4 devices, so process 1 writes its own OCDBT files; one of them is truncated."""
   args = [a if a != "data=2,fsdp=2" else "data=1,fsdp=4" for a in ARGS]
@@ -127,3 +147,34 @@ def test_partial_or_bad_cluster_flags_are_refused(flags, message):
   proc = subprocess.run([sys.executable, str(LM), "--smoke", *flags], capture_output=True, text=True, cwd=ROOT,
                         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+CLF = ROOT / "examples" / "sequence_classification.py"
+CLF_ARGS = ("--smoke", "--optimizers", "qsgd:0.5", "--seeds", "1", "--epochs", "2", "--no-progress")
+
+
+def test_classification_across_two_processes_equals_one_process_on_two_devices(tmp_path):
+  proc = _launch("--processes", "2", "--devices-per-process", "1", "--", str(CLF), *CLF_ARGS,
+                 "--checkpoint-every", "4", "--out", str(tmp_path / "two"))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "data parallel over 2 devices, 2 processes" in proc.stdout
+  assert proc.stdout.count("final test acc") == 1
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  one = subprocess.run([sys.executable, str(CLF), *CLF_ARGS, "--data-parallel", "--out", str(tmp_path / "one")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT_S, env=env)
+  assert one.returncode == 0, one.stderr[-4000:]
+  got, want = _run_record(tmp_path / "two"), _run_record(tmp_path / "one")
+  # Another program (cross-process reductions): float32 rounding.
+  np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-4)
+  np.testing.assert_allclose(got["test_loss"], want["test_loss"], rtol=1e-4)
+  # A resume across the two processes from the middle of the run ends where the run ended.
+  run_dir = next((tmp_path / "two" / "checkpoints").iterdir())
+  steps = sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit())
+  for step in steps[1:]:
+    shutil.rmtree(run_dir / str(step))
+  again = _launch("--processes", "2", "--devices-per-process", "1", "--", str(CLF), *CLF_ARGS,
+                  "--resume", "--out", str(tmp_path / "two"))
+  assert again.returncode == 0, again.stderr[-4000:]
+  resumed = _run_record(tmp_path / "two")
+  for key in ("train_loss", "test_loss", "test_accuracy"):
+    assert resumed[key] == got[key], key  # the same program on the same machine

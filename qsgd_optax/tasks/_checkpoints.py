@@ -221,7 +221,8 @@ def _sha256(path: Path) -> str:
 def _write_manifest(step_dir: Path) -> None:
   process = jax.process_index()
   files = {rel: _sha256(f) for rel, f in _own_files(step_dir, process).items()}
-  _write_json_atomically(step_dir / _MANIFEST.format(process), {"files": files})
+  _write_json_atomically(step_dir / _MANIFEST.format(process),
+                         {"files": files, "processes": jax.process_count()})
 
 
 def _check_manifest(step_dir: Path) -> str | None:
@@ -229,8 +230,16 @@ def _check_manifest(step_dir: Path) -> str | None:
   process = jax.process_index()
   path = step_dir / _MANIFEST.format(process)
   if not path.exists():
-    others = list(step_dir.glob("qsgd_files.process_*.json"))
-    return f"its file manifest {path.name} is missing" if others else None
+    others = sorted(step_dir.glob("qsgd_files.process_*.json"))
+    if not others:
+      return None  # written before file checksums existed
+    try:
+      writers = int(json.loads(others[0].read_text())["processes"])
+    except (ValueError, KeyError, TypeError, OSError):
+      writers = None
+    if writers is not None and process >= writers:
+      return None  # fewer processes wrote the step than read it: this one wrote nothing
+    return f"its file manifest {path.name} is missing"
   try:
     files = json.loads(path.read_text())["files"]
     if not isinstance(files, dict):

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qsgd_optax.tasks._checkpoints import CheckpointError, RunCheckpoints, run_directory
 from qsgd_optax.tasks.arms import Arm, make_optimizer, parse_arm  # noqa: F401  parse_arm: the doctests' namespace
@@ -184,8 +185,32 @@ def eval_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, label
   return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(jnp.where(valid, correct, 0.0))
 
 
-def _evaluate(model: TransformerClassifier, split: text_data.Split) -> dict[str, float]:
-  """Loss and accuracy of ``model`` (in eval mode) on a whole split."""
+def _placement(mesh: jax.sharding.Mesh | None, batch_size: int) -> tuple[Callable[[np.ndarray], Any], Any]:
+  """``(place_batch, replicated)``: how host batches and the state go onto ``mesh`` (identity without one)."""
+  if mesh is None:
+    return (lambda x: x), None
+  if len(mesh.axis_names) != 1:
+    raise ValueError(f"mesh must have one (data) axis, got axes {mesh.axis_names}")
+  if batch_size % mesh.size:
+    raise ValueError(f"batch_size ({batch_size}) must be a multiple of the mesh size ({mesh.size})")
+  rows = NamedSharding(mesh, P(mesh.axis_names[0]))
+
+  def place_batch(x: np.ndarray) -> jax.Array:  # each process builds only its own rows
+    return jax.make_array_from_callback(x.shape, rows, lambda index: x[index])
+
+  return place_batch, NamedSharding(mesh, P())
+
+
+def _replicate(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+  """``x`` (the same on every process) as a global array replicated over ``sharding``'s mesh."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(_replicate(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _evaluate(model: TransformerClassifier, split: text_data.Split, replicated: Any = None) -> dict[str, float]:
+  """Loss and accuracy of ``model`` (in eval mode) on a whole split (inputs replicated on a mesh if given)."""
   model.eval()
   graphdef, state = nnx.split(model)
   n = len(split)
@@ -197,6 +222,9 @@ def _evaluate(model: TransformerClassifier, split: text_data.Split) -> dict[str,
     if pad:
       tokens = np.pad(tokens, ((0, pad), (0, 0)))
       labels = np.pad(labels, (0, pad))
+    if replicated is not None:
+      tokens, labels, valid = (jax.make_array_from_callback(np.shape(a), replicated, lambda index, a=a: a[index])
+                               for a in (tokens, labels, valid))
     batch_loss, batch_correct = eval_step(graphdef, state, tokens, labels, valid)
     loss_sum += float(batch_loss)
     correct_sum += float(batch_correct)
@@ -277,6 +305,7 @@ def train_and_evaluate(
     on_step: Callable[[int], None] | None = None,
     return_state: bool = False,
     log: Callable[[str], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], nnx.State]:
   """Trains one model with one optimizer arm and returns its run record.
 
@@ -310,6 +339,12 @@ def train_and_evaluate(
     return_state: also return the final ``nnx.state((model, optimizer))``.
     log: receives the one-line notes on skipped checkpoints (default: a
       ``RuntimeWarning``).
+    mesh: data parallelism: a one-axis mesh (e.g. every device of every
+      process under ``jax.distributed``); the state is replicated on it,
+      every batch split along its rows (``batch_size`` must be a multiple
+      of the mesh size), and each process materialises only its own rows.
+      Within float rounding of the single-device run (the gradient is
+      summed in another order).
 
   Returns:
     A JSON-ready record: the arm's fields and ``seed``; per-epoch lists
@@ -341,6 +376,9 @@ def train_and_evaluate(
   metrics = _metrics()
   model.train()
   graphdef, state = nnx.split((model, optimizer, metrics))
+  place_batch, replicated = _placement(mesh, config.batch_size)
+  if replicated is not None:
+    state = jax.tree.map(functools.partial(_replicate, sharding=replicated), state)
 
   steps_per_epoch = len(data.train) // config.batch_size
   if steps_per_epoch < 1:
@@ -368,8 +406,9 @@ def train_and_evaluate(
       nnx.update((model, optimizer, metrics), state)
 
     compile_start = time.perf_counter()
-    step = train_step.lower(graphdef, state, jax.ShapeDtypeStruct(batch_shape, jnp.int32),
-                             jax.ShapeDtypeStruct(batch_shape[:1], jnp.int32)).compile()
+    rows = None if mesh is None else NamedSharding(mesh, P(mesh.axis_names[0]))
+    step = train_step.lower(graphdef, state, jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=rows),
+                            jax.ShapeDtypeStruct(batch_shape[:1], jnp.int32, sharding=rows)).compile()
     compile_time = time.perf_counter() - compile_start
   except BaseException:
     if checkpoints is not None:
@@ -390,7 +429,7 @@ def train_and_evaluate(
       labels = data.train.labels[order].reshape(steps_per_epoch, config.batch_size)
       epoch_start, save_time = time.perf_counter(), 0.0
       for i in range(first_position if epoch == first_epoch else 0, steps_per_epoch):
-        state = step(state, tokens[i], labels[i])
+        state = step(state, place_batch(tokens[i]), place_batch(labels[i]))
         global_step += 1
         steps_run += 1
         if (checkpoints is not None and checkpoint_every is not None and global_step % checkpoint_every == 0
@@ -418,7 +457,7 @@ def train_and_evaluate(
       splits = {"test": data.test, "validation": data.validation}
       for name, split in splits.items():
         if split is not None:
-          for key, value in _evaluate(model, split).items():
+          for key, value in _evaluate(model, split, replicated).items():
             history.setdefault(f"{name}_{key}", []).append(value)
       graphdef, state = nnx.split((model, optimizer, metrics))
       if checkpoints is not None:
