@@ -21,7 +21,6 @@ times in seconds.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -114,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **{f"{k}_s": v for k, v in med.items()}, "times_s": times}
   config = {"argv": sys.argv[1:] if argv is None else list(argv), "smoke": args.smoke, "repeats": repeats,
             "model": "tiny" if args.smoke else "smollm2-135m", "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "processor": platform.processor()}
+            "machine": reporting.cpu_model()}
   path = reporting.write_summary(args.out, [record], config)
   print(f"wrote {path}")
   return 0

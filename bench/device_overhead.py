@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import statistics
 import sys
 import time
@@ -186,15 +185,6 @@ def plot(runs, path: Path) -> Path:
   return path
 
 
-def _cpu_model() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
@@ -213,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       versions[dist] = metadata.version(dist)
     except metadata.PackageNotFoundError:
       versions[dist] = None
-  config = {**vars(args), "device": jax.devices()[0].device_kind, "machine": _cpu_model(),
+  config = {**vars(args), "device": jax.devices()[0].device_kind, "machine": reporting.cpu_model(),
             "jax": jax.__version__, "python": sys.version.split()[0], "versions": versions}
   reporting.write_summary(args.out, runs, config)
   plot(runs, args.out / PNG_NAME)

@@ -29,7 +29,6 @@ per-pair times). ``DIR/inject_overhead.png`` shows the per-pair ratios.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -142,16 +141,6 @@ def plot(runs, path: Path) -> Path:
   return path
 
 
-def _cpu_model() -> str:
-  """The CPU's model name (as lscpu shows it), else the platform's word."""
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
@@ -183,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for run in runs:
     run["qnodes_built"] = qnodes
   config = {**vars(args), "device": jax.devices()[0].device_kind,
-            "machine": _cpu_model(),
+            "machine": reporting.cpu_model(),
             "jax": jax.__version__, "python": sys.version.split()[0]}
   reporting.write_summary(args.out, runs, config)
   plot(runs, args.out / PNG_NAME)

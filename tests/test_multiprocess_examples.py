@@ -35,6 +35,21 @@ def _run_record(out: Path) -> dict:
   return run
 
 
+def _steps(checkpoints: Path) -> tuple[Path, list[int]]:
+  """The one run's checkpoint directory under ``checkpoints`` and its step numbers."""
+  run_dir = next(checkpoints.iterdir())
+  return run_dir, sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit())
+
+
+def _keep_first_checkpoint(checkpoints: Path) -> list[int]:
+  """Removes every step but the first, as if the processes died right after it; returns the steps."""
+  run_dir, steps = _steps(checkpoints)
+  assert len(steps) >= 2
+  for step in steps[1:]:
+    shutil.rmtree(run_dir / str(step))
+  return steps
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
   out = tmp_path_factory.mktemp("lm_2x2")
@@ -64,11 +79,7 @@ def test_two_process_resume_is_bit_identical(two_processes, tmp_path):
   _, out = two_processes
   want = _run_record(out)
   shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
-  run_dir = next((tmp_path / "checkpoints").iterdir())
-  steps = sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit())
-  assert len(steps) >= 2
-  for step in steps[1:]:  # as if both processes died right after the first checkpoint
-    shutil.rmtree(run_dir / str(step))
+  steps = _keep_first_checkpoint(tmp_path / "checkpoints")
   proc = _launch("--processes", "2", "--devices-per-process", "2", "--", str(LM), *ARGS,
                  "--checkpoint-every", "1", "--resume", "--out", str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -83,10 +94,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process(two_processes, tmp_path
   _, out = two_processes
   want = _run_record(out)
   shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
-  run_dir = next((tmp_path / "checkpoints").iterdir())
-  steps = sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit())
-  for step in steps[1:]:
-    shutil.rmtree(run_dir / str(step))
+  steps = _keep_first_checkpoint(tmp_path / "checkpoints")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   proc = subprocess.run([sys.executable, str(LM), *ARGS, "--checkpoint-every", "1", "--resume", "--out",
                          str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT_S, env=env)
@@ -105,8 +113,7 @@ def test_a_damaged_shard_of_one_process_is_skipped_by_both(tmp_path):
                   "--checkpoint-every", "1", "--out", str(tmp_path / "clean"))
   assert clean.returncode == 0, clean.stderr[-4000:]
   want = _run_record(tmp_path / "clean")
-  run_dir = next((tmp_path / "clean" / "checkpoints").iterdir())
-  steps = sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit())
+  run_dir, steps = _steps(tmp_path / "clean" / "checkpoints")
   shards = [f for f in (run_dir / str(steps[-1])).rglob("*") if f.is_file() and "ocdbt.process_1" in str(f)
             and f.parent.name == "d"]
   assert shards, "process 1 wrote no data files"
@@ -168,10 +175,7 @@ def test_classification_across_two_processes_equals_one_process_on_two_devices(t
   np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-4)
   np.testing.assert_allclose(got["test_loss"], want["test_loss"], rtol=1e-4)
   # A resume across the two processes from the middle of the run ends where the run ended.
-  run_dir = next((tmp_path / "two" / "checkpoints").iterdir())
-  steps = sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit())
-  for step in steps[1:]:
-    shutil.rmtree(run_dir / str(step))
+  _keep_first_checkpoint(tmp_path / "two" / "checkpoints")
   again = _launch("--processes", "2", "--devices-per-process", "1", "--", str(CLF), *CLF_ARGS,
                   "--resume", "--out", str(tmp_path / "two"))
   assert again.returncode == 0, again.stderr[-4000:]

@@ -456,12 +456,10 @@ class RunCheckpoints:
       try:
         tree = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
-      except ValueError as e:
-        if _is_layout_error(e):  # Orbax's structure / shape mismatch: another configuration
+      except Exception as e:  # pylint: disable=broad-except
+        if isinstance(e, ValueError) and _is_layout_error(e):  # another configuration, not damage
           raise CheckpointError(f"cannot resume from {self.directory}: the saved arrays do not fit "
                                 f"this run's state ({_first_line(e)})") from e
-        local = f"its arrays cannot be read ({type(e).__name__}: {_first_line(e)})"
-      except Exception as e:  # pylint: disable=broad-except
         local = f"its arrays cannot be read ({type(e).__name__}: {_first_line(e)})"
       reason = _agree(local)
       if reason is not None:

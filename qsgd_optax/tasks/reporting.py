@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "cpu_model",
     "arm_label",
     "divergence_warnings",
     "format_table",
@@ -36,6 +38,17 @@ def group_runs(runs: Iterable[Mapping[str, Any]], key: str = "arm") -> dict[str,
   for run in runs:
     groups.setdefault(str(run[key]), []).append(run)
   return groups
+
+
+def cpu_model() -> str:
+  """The CPU's model name (as lscpu shows it), else the platform's word; for benchmark records."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def divergence_warnings(runs: Iterable[Mapping[str, Any]]) -> list[str]:
