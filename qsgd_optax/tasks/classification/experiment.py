@@ -201,6 +201,21 @@ def _placement(mesh: jax.sharding.Mesh | None, batch_size: int) -> tuple[Callabl
   return place_batch, NamedSharding(mesh, P())
 
 
+def _on_mesh(state: Any, replicated: NamedSharding | None) -> Any:
+  """``state`` with every leaf not yet on ``replicated``'s devices replicated there (as is without a mesh)."""
+  if replicated is None:
+    return state
+  devices = replicated.mesh.devices.size
+
+  def place(x):
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None and len(sharding.device_set) == devices:
+      return x
+    return _replicate(x, replicated)
+
+  return jax.tree.map(place, state)
+
+
 def _replicate(x: jax.Array, sharding: NamedSharding) -> jax.Array:
   """``x`` (the same on every process) as a global array replicated over ``sharding``'s mesh."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -377,8 +392,7 @@ def train_and_evaluate(
   model.train()
   graphdef, state = nnx.split((model, optimizer, metrics))
   place_batch, replicated = _placement(mesh, config.batch_size)
-  if replicated is not None:
-    state = jax.tree.map(functools.partial(_replicate, sharding=replicated), state)
+  state = _on_mesh(state, replicated)
 
   steps_per_epoch = len(data.train) // config.batch_size
   if steps_per_epoch < 1:
@@ -460,6 +474,7 @@ def train_and_evaluate(
           for key, value in _evaluate(model, split, replicated).items():
             history.setdefault(f"{name}_{key}", []).append(value)
       graphdef, state = nnx.split((model, optimizer, metrics))
+      state = _on_mesh(state, replicated)  # metrics.reset() may have made new single-device arrays
       if checkpoints is not None:
         checkpoints.save(global_step, nnx.to_pure_dict(state), progress_record(epoch + 1, 0, order_rng.bit_generator.state))
   finally:
