@@ -50,7 +50,7 @@ import _stats  # noqa: E402  pylint: disable=wrong-import-position
 from qsgd_optax.tasks import arms, cli, reporting, running  # noqa: E402
 from qsgd_optax.tasks.classification import experiment, transformer  # noqa: E402
 
-ARMS = ("adamw,qsgd:0.1,qsgd:0.5,qsgd:0.5:preconditioned,qsgd:0.5:update,"
+ARMS = ("adamw,qsgd:1e-6,qsgd:0.1,qsgd:0.5,qsgd:0.5:preconditioned,qsgd:0.5:update,"
         "qsgd:0.5:gradient:paper:all")
 DEFAULTS = dict(tasks="synthetic", attention="standard", optimizers=ARMS, seeds="10", epochs=15)
 SMOKE = dict(tasks="synthetic", attention="standard", optimizers="adamw,qsgd:0.5", seeds="2",
@@ -62,37 +62,103 @@ DEFAULT_OUT = Path("bench") / "results" / "convergence"
 # --------------------------------------------------------------------------- analysis
 
 
+NULL_ARM = "qsgd:1e-6"
+# The paper's claims (PAPER.md): (name, metric, effect, relative, as the paper says it).
+CLAIMS = (
+    ("final accuracy", "final", 0.023, False, "+2.3 points (93.8% vs 91.5%)"),
+    ("epochs to target", "epochs_to_target", -2.8, False, "-2.8 epochs (4.6 vs 7.4)"),
+    ("epochs to target, relative", "epochs_to_target", -0.378, True, "-37.8%"),
+    ("time to target", "time_to_target_s", -0.16, True, "-16% (4.6 x 1.35 vs 7.4 epochs)"),
+)
+
+
 def _setting(run: Mapping[str, Any]) -> str:
   return f"{run['task']}/{run['attention']}"
 
 
-def analyse(runs: Sequence[Mapping[str, Any]], target: float) -> list[dict[str, Any]]:
-  """One row per (setting, arm): summaries and paired differences to AdamW."""
+def _final(run: Mapping[str, Any]) -> float:
+  """Final accuracy: the mean of the last evaluations where recorded, else the last one."""
+  return run.get("final_accuracy_window", run["final_accuracy"])
+
+
+def _time_to_target(run: Mapping[str, Any]) -> float | None:
+  if run["epochs_to_target"] is None:
+    return None
+  return run["epochs_to_target"] * run["steps_per_epoch"] * run["mean_step_time_s"]
+
+
+def _metric(run: Mapping[str, Any], name: str) -> float | None:
+  if name == "final":
+    return _final(run)
+  if name == "time_to_target_s":
+    return _time_to_target(run)
+  return run[name]
+
+
+def _share(arm_runs: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+  """The term's share over a setting's runs of one arm (None without records)."""
+  medians = [v for r in arm_runs for v in r.get("term_share_median") or [] if v is not None]
+  if not medians:
+    return None
+  maxima = [v for r in arm_runs for v in r.get("term_share_max") or [] if v is not None]
+  glob = [v for r in arm_runs for v in r.get("term_share_global") or [] if v is not None]
+  return {"median": float(np.nanmedian(medians)), "max": float(np.nanmax(maxima)),
+          "global_median": float(np.nanmedian(glob))}
+
+
+def claims(treatment: Sequence[Mapping[str, Any]], control: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Each paper claim tested on paired seeds: ``treatment`` minus ``control``."""
+  out = []
+  for name, metric, effect, relative, paper in CLAIMS:
+    t = {r["seed"]: _metric(r, metric) for r in treatment}
+    c = {r["seed"]: _metric(r, metric) for r in control}
+    seeds = sorted(set(t) & set(c))
+    censored = sum(t[s] is None or c[s] is None for s in seeds)
+    row = {"claim": name, "paper": paper, "effect": effect, "pairs": len(seeds), "censored": censored}
+    if censored or not seeds:
+      row.update(n=len(seeds), mean=math.nan, bound=math.nan, excluded=None, method="n/a")
+    else:
+      d = [math.log(t[s] / c[s]) if relative else t[s] - c[s] for s in seeds]
+      row.update(_stats.claim_test(d, effect, relative=relative))
+    out.append(row)
+  return out
+
+
+def analyse(runs: Sequence[Mapping[str, Any]], target: float,
+            null_arm: str = NULL_ARM) -> list[dict[str, Any]]:
+  """One row per (setting, arm): summaries, paired differences to AdamW and to the null arm, claims."""
+  null_label = arms.parse_arm(null_arm).label
   rows = []
   for setting, group in reporting.group_runs(runs, "setting").items():
     by_arm = reporting.group_runs(group, "arm")
-    control = by_arm.get("adamw", [])
+    control, null = by_arm.get("adamw", []), by_arm.get(null_label, [])
     for arm, arm_runs in by_arm.items():
-      epochs = arm_runs[0]["epochs"]
-      final = reporting.mean_std(r["final_accuracy"] for r in arm_runs)
+      final = reporting.mean_std(_final(r) for r in arm_runs)
       reached = [r for r in arm_runs if r["epochs_to_target"] is not None]
       to_target = reporting.mean_std(r["epochs_to_target"] for r in reached)
-      seconds = reporting.mean_std(
-          r["epochs_to_target"] * r["steps_per_epoch"] * r["mean_step_time_s"] for r in reached)
+      seconds = reporting.mean_std(_time_to_target(r) for r in reached)
       row = {"setting": setting, "arm": arm, "n": len(arm_runs), "target": target,
+             "null_arm": null_label, "is_null": arm == null_label,
+             "final_window": arm_runs[0].get("final_window", 1),
              "final_accuracy_mean": final[0], "final_accuracy_std": final[1],
              "epochs_to_target_mean": to_target[0], "epochs_to_target_std": to_target[1],
              "reached": len(reached), "never": len(arm_runs) - len(reached),
              "time_to_target_s_mean": seconds[0], "time_to_target_s_std": seconds[1],
-             "step_ms_mean": reporting.mean_std(1e3 * r["mean_step_time_s"] for r in arm_runs)[0]}
-      if arm != "adamw" and control:
-        acc = {r["seed"]: r["final_accuracy"] for r in arm_runs}
-        acc0 = {r["seed"]: r["final_accuracy"] for r in control}
-        censored = lambda r: r["epochs_to_target"] if r["epochs_to_target"] is not None else epochs + 1
-        ett = {r["seed"]: censored(r) for r in arm_runs}
-        ett0 = {r["seed"]: censored(r) for r in control}
-        row["accuracy_vs_adamw"] = _stats.paired(acc, acc0)
-        row["epochs_to_target_vs_adamw"] = _stats.paired(ett, ett0)
+             "step_ms_mean": reporting.mean_std(1e3 * r["mean_step_time_s"] for r in arm_runs)[0],
+             "term_share": _share(arm_runs)}
+      for other, name in ((control, "adamw"), (null, "null")):
+        if arm in ("adamw", null_label if name == "null" else "adamw") or not other:
+          continue
+        row[f"accuracy_vs_{name}"] = _stats.paired({r["seed"]: _final(r) for r in arm_runs},
+                                                   {r["seed"]: _final(r) for r in other})
+        row[f"epochs_to_target_vs_{name}"] = _stats.paired(
+            {r["seed"]: r["epochs_to_target"] for r in arm_runs},
+            {r["seed"]: r["epochs_to_target"] for r in other})
+      if arm not in ("adamw", null_label):
+        if null:
+          row["claims_vs_null"] = claims(arm_runs, null)
+        if control:
+          row["claims_vs_adamw"] = claims(arm_runs, control)
       rows.append(row)
   return rows
 
@@ -106,26 +172,57 @@ def _pm(mean: float, std: float, digits: int) -> str:
 def _diff(d: Mapping[str, float] | None, digits: int) -> str:
   if not d or d["n"] == 0:
     return ""
+  if d.get("censored"):
+    return f"n/a ({d['censored']} of {d['n']} pairs censored)"
+  if d["n"] < 2:
+    return f"{d['mean_diff']:+.{digits}f} (n=1)"
   return (f"{d['mean_diff']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}] "
           f"p={d['p_value']:.3f}")
 
 
+def _claim_cell(c: Mapping[str, Any]) -> tuple[str, str, str]:
+  """(ours, bound, verdict) cells of one claim row."""
+  if c["method"] == "n/a":
+    why = f"{c['censored']} of {c['pairs']} pairs censored" if c["censored"] else "no pairs"
+    return "n/a", "n/a", f"n/a ({why})"
+  fmt = (lambda v: f"{100 * v:+.1f}%") if c["relative"] else (
+      (lambda v: f"{100 * v:+.2f} points") if c["claim"] == "final accuracy" else (lambda v: f"{v:+.2f}"))
+  bound = f"{c['side']} {fmt(c['bound'])} (n={c['n']})"
+  verdict = {True: "excluded", False: "not excluded", None: "n/a (n<2)"}[c["excluded"]]
+  return fmt(c["mean"]), bound, verdict
+
+
 def tables(rows: Sequence[Mapping[str, Any]]) -> str:
-  """Markdown tables, one per setting."""
+  """Markdown tables per setting: the arms, then the paper's claims against the null arm."""
   out = []
   for setting, group in reporting.group_runs(rows, "setting").items():
     target = group[0]["target"]
-    header = ["arm", "n", "final acc", f"epochs to {target:.0%}", "never", "s to target",
-              "step ms", "acc diff vs adamw [95% CI] p", "epochs diff vs adamw [95% CI] p"]
+    window = group[0].get("final_window", 1)
+    final_name = "final acc" if window == 1 else f"final acc (last {window} evals)"
+    header = ["arm", "n", final_name, f"epochs to {target:.0%}", "never", "s to target",
+              "step ms", "acc diff vs adamw [95% t CI] p", "acc diff vs null",
+              "epochs diff vs adamw", "epochs diff vs null", "term share median / max"]
     lines = [f"### {setting}", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for r in group:
-      cells = [r["arm"], r["n"], _pm(r["final_accuracy_mean"], r["final_accuracy_std"], 3),
-               _pm(r["epochs_to_target_mean"], r["epochs_to_target_std"], 1), r["never"],
+      share = r.get("term_share")
+      share_cell = f"{share['median']:.1e} / {share['max']:.1e}" if share else ""
+      name = f"{r['arm']} (null)" if r["is_null"] else r["arm"]
+      cells = [name, r["n"], _pm(r["final_accuracy_mean"], r["final_accuracy_std"], 3),
+               _pm(r["epochs_to_target_mean"], r["epochs_to_target_std"], 2), r["never"],
                _pm(r["time_to_target_s_mean"], r["time_to_target_s_std"], 1),
                f"{r['step_ms_mean']:.1f}", _diff(r.get("accuracy_vs_adamw"), 3),
-               _diff(r.get("epochs_to_target_vs_adamw"), 2)]
+               _diff(r.get("accuracy_vs_null"), 3), _diff(r.get("epochs_to_target_vs_adamw"), 2),
+               _diff(r.get("epochs_to_target_vs_null"), 2), share_cell]
       lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    claim_rows = [(r["arm"], c) for r in group for c in r.get("claims_vs_null", [])]
+    if claim_rows:
+      null = group[0]["null_arm"]
+      lines += ["", f"Claims, each arm minus the null arm {null} on the same seeds "
+                "(one-sided 95% Student-t bound; a censored metric is n/a):", "",
+                "| arm | claim | paper | ours | bound | paper's effect |", "|---|---|---|---|---|---|"]
+      for arm, c in claim_rows:
+        lines.append("| " + " | ".join([arm, c["claim"], c["paper"], *_claim_cell(c)]) + " |")
     out.append("\n".join(lines))
   return "\n\n".join(out)
 
@@ -161,7 +258,80 @@ def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
   path = out / "epochs_to_target.png"
   fig.savefig(path, dpi=110)
   paths.append(path)
+  paths += _plot_shares(runs, out)
+  paths += _plot_dose(analyse(runs, runs[0]["target_accuracy"] if runs else 0.9), out)
   return paths
+
+
+def _plot_shares(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
+  """The term's share of the update over training, per setting and arm (median over seeds)."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  settings = {k: g for k, g in reporting.group_runs(runs, "setting").items()
+              if any(r.get("term_share_median") for r in g)}
+  if not settings:
+    return []
+  fig = Figure(figsize=(6.5 * len(settings), 4.5), layout="constrained")
+  axes = fig.subplots(1, len(settings), squeeze=False)[0]
+  for ax, (setting, group) in zip(axes, settings.items()):
+    for arm, arm_runs in reporting.group_runs(group, "arm").items():
+      curves = [r for r in arm_runs if r.get("term_share_median")]
+      if not curves:
+        continue
+      length = min(len(r["term_share_median"]) for r in curves)
+      x = curves[0]["eval_epoch"][:length]
+      for key, style in (("term_share_median", "-"), ("term_share_global", ":")):
+        y = np.nanmedian([r[key][:length] for r in curves], axis=0)
+        ax.plot(x, y, style, label=f"{arm} ({key.rsplit('_', 1)[1]})")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("|term| / |update| (median over seeds)")
+    ax.set_title(f"{setting}: the quantum term's share")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+  path = out / "term_share.png"
+  fig.savefig(path, dpi=110)
+  return [path]
+
+
+def _plot_dose(rows: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
+  """Dose-response: difference to the null arm against quantum_weight, one line per scope."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  points: dict[tuple[str, str], list[tuple[float, Mapping[str, Any]]]] = {}
+  for r in rows:
+    if r.get("accuracy_vs_null") is None:
+      continue
+    arm = arms.parse_arm(r["arm"])
+    if arm.modulate != "gradient":
+      continue
+    points.setdefault((r["setting"], arm.scope), []).append((arm.quantum_weight, r))
+  if len({w for v in points.values() for w, _ in v}) < 2:
+    return []
+  fig = Figure(figsize=(11, 4.2), layout="constrained")
+  axes = fig.subplots(1, 2)
+  for (setting, scope), values in sorted(points.items()):
+    values.sort(key=lambda v: v[0])
+    for ax, key in zip(axes, ("accuracy_vs_null", "epochs_to_target_vs_null")):
+      pts = [(w, r[key]) for w, r in values if not r[key].get("censored")]
+      if not pts:
+        continue
+      w = np.asarray([p[0] for p in pts])
+      mean = np.asarray([p[1]["mean_diff"] for p in pts])
+      lo = np.asarray([p[1]["ci_low"] for p in pts])
+      hi = np.asarray([p[1]["ci_high"] for p in pts])
+      ax.errorbar(w, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3,
+                  label=f"{setting}, scope {scope}")
+  for ax, label in zip(axes, ("final accuracy minus null arm", "epochs to target minus null arm")):
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("quantum_weight (modulate=gradient)")
+    ax.set_ylabel(f"{label} (mean, 95% t CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+  path = out / "dose_response.png"
+  fig.savefig(path, dpi=110)
+  return [path]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -181,8 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"comma list from {transformer.ATTENTIONS} (default: {DEFAULTS['attention']})")
   parser.add_argument("--epochs", type=cli.int_arg(1), default=None,
                       help=f"epochs per run (default: {DEFAULTS['epochs']})")
+  parser.add_argument("--evals-per-epoch", type=cli.int_arg(1), default=1,
+                      help="test evaluations per epoch, evenly spaced (default: %(default)s)")
+  parser.add_argument("--markers", type=cli.int_arg(2), default=2,
+                      help="markers per sequence of the agreement task (default: %(default)s)")
   parser.add_argument("--target-accuracy", type=float, default=0.9,
                       help="test accuracy that epochs_to_target waits for (default: %(default)s)")
+  parser.add_argument("--null-arm", default=NULL_ARM,
+                      help="the arm whose difference to AdamW is the noise floor; verdicts compare "
+                           "to it (default: %(default)s)")
   parser.add_argument("--from", dest="from_dir", type=Path, default=None, metavar="DIR",
                       help="redraw tables and plots from DIR/summary.json, no training")
   parser.add_argument("--resume", action="store_true",
@@ -209,7 +386,7 @@ def _fill(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # Options that shape every run: runs made with other values are not comparable.
-_SHARED = ("lr", "batch_size", "smoke")
+_SHARED = ("lr", "batch_size", "smoke", "evals_per_epoch", "markers")
 # Options that name what was run: a resumed summary records the union.
 _UNION = ("tasks", "attention", "optimizers", "seeds")
 
@@ -272,7 +449,8 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
       sizes = {"seq_len": sizes.get("seq_len", 48)}
     config = experiment.ClassificationConfig(
         task=task, attention=attention, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.lr, target_accuracy=args.target_accuracy, **sizes)
+        learning_rate=args.lr, target_accuracy=args.target_accuracy, evals_per_epoch=args.evals_per_epoch,
+        markers=args.markers, **sizes)
     if task not in datasets:
       datasets[task] = experiment.load_task(config)
     data = datasets[task]
@@ -300,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, target = args.out, args.target_accuracy
     print(f"total wall time {time.perf_counter() - start:.0f} s")
   out = Path(out)
-  rows = analyse(runs, target)
+  rows = analyse(runs, target, args.null_arm)
   text = tables(rows)
   print(text)
   out.mkdir(parents=True, exist_ok=True)

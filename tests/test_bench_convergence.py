@@ -24,6 +24,7 @@ def _load(name):
 
 
 stats = _load("_stats")
+from qsgd_optax.tasks import arms  # noqa: E402
 
 
 def test_stats_doctests():
@@ -64,15 +65,20 @@ def test_paired_uses_common_seeds_only():
   assert r["n"] == 2 and r["mean_diff"] == pytest.approx(0.025)
 
 
+def _handmade(rows):
+  runs = []
+  for seed, values in enumerate(rows):
+    for arm, (acc, ett) in zip(("adamw", "qsgd:1e-6", "qsgd:0.5"), values):
+      runs.append({"setting": "synthetic/standard", "arm": arms.parse_arm(arm).label, "seed": seed,
+                   "epochs": 10, "final_accuracy": acc, "epochs_to_target": ett, "steps_per_epoch": 50,
+                   "mean_step_time_s": 0.01, "target_accuracy": 0.9})
+  return runs
+
+
 def test_analyse_on_handmade_runs():
   conv = _load("convergence")
-  runs = []
-  for seed, (acc0, acc1, e0, e1) in enumerate([(0.90, 0.93, 7, 5), (0.91, 0.92, None, 6),
-                                               (0.88, 0.94, 8, None)]):
-    for arm, acc, ett in (("adamw", acc0, e0), ("qsgd:0.5", acc1, e1)):
-      runs.append({"setting": "synthetic/standard", "arm": arm, "seed": seed, "epochs": 10,
-                   "final_accuracy": acc, "epochs_to_target": ett, "steps_per_epoch": 50,
-                   "mean_step_time_s": 0.01, "target_accuracy": 0.9})
+  runs = _handmade([((0.90, 7), (0.91, 7), (0.93, 5)), ((0.91, None), (0.90, 8), (0.92, 6)),
+                    ((0.88, 8), (0.89, 9), (0.94, None))])
   rows = {r["arm"]: r for r in conv.analyse(runs, 0.9)}
   assert rows["adamw"]["never"] == 1 and rows["qsgd:0.5"]["never"] == 1
   assert rows["adamw"]["epochs_to_target_mean"] == pytest.approx(7.5)
@@ -80,8 +86,37 @@ def test_analyse_on_handmade_runs():
   acc = rows["qsgd:0.5"]["accuracy_vs_adamw"]
   assert acc["mean_diff"] == pytest.approx(np.mean([0.03, 0.01, 0.06]))
   assert acc["p_value"] == pytest.approx(2 / 8)  # all three positive: 2 of 8 flips
+  d = np.array([0.02, 0.02, 0.05])  # against the null arm
+  null = rows["qsgd:0.5"]["accuracy_vs_null"]
+  half = 4.302653 * d.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
+  assert null["mean_diff"] == pytest.approx(d.mean())
+  assert (null["ci_low"], null["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half))
+  assert rows["qsgd:1e-06"]["is_null"] and "accuracy_vs_null" not in rows["qsgd:1e-06"]
+  # A never-reached run makes the epochs difference undefined, not a number.
   ett = rows["qsgd:0.5"]["epochs_to_target_vs_adamw"]
-  assert ett["mean_diff"] == pytest.approx(np.mean([5 - 7, 6 - 11, 11 - 8]))  # never -> 11
+  assert ett["censored"] == 2 and np.isnan(ett["mean_diff"])
+  claims = {c["claim"]: c for c in rows["qsgd:0.5"]["claims_vs_null"]}
+  accuracy = claims["final accuracy"]
+  assert accuracy["bound"] == pytest.approx(d.mean() + 2.919986 * d.std(ddof=1) / np.sqrt(3))  # t(0.95, 2)
+  assert accuracy["excluded"] is False  # the bound, 0.067, lies above +2.3 points
+  assert claims["epochs to target"]["method"] == "n/a" and claims["epochs to target"]["censored"] == 1
+  table = conv.tables(conv.analyse(runs, 0.9))
+  assert "n/a (2 of 3 pairs censored)" in table and "| qsgd:1e-06 (null) | 3 |" in table
+  assert "| qsgd:0.5 | final accuracy | +2.3 points (93.8% vs 91.5%) | +3.00 points |" in table
+
+
+def test_claims_excluded_when_the_bound_is_below_the_effect():
+  conv = _load("convergence")
+  runs = _handmade([((0.90, 7), (0.90, 7), (0.901, 7)), ((0.91, 6), (0.91, 6), (0.905, 6)),
+                    ((0.88, 8), (0.88, 8), (0.882, 8)), ((0.90, 5), (0.90, 5), (0.90, 5.5))])
+  row = {r["arm"]: r for r in conv.analyse(runs, 0.9)}["qsgd:0.5"]
+  claims = {c["claim"]: c for c in row["claims_vs_null"]}
+  assert claims["final accuracy"]["excluded"] is True
+  assert claims["epochs to target"]["excluded"] is True  # lower bound near 0, above -2.8
+  rel = claims["epochs to target, relative"]
+  d = np.log(np.array([7 / 7, 6 / 6, 8 / 8, 5.5 / 5]))
+  assert rel["mean"] == pytest.approx(np.expm1(d.mean())) and rel["excluded"] is True
+  assert claims["time to target"]["excluded"] is True
 
 
 def test_smoke_and_from(tmp_path):
@@ -89,31 +124,35 @@ def test_smoke_and_from(tmp_path):
   run = lambda *a: subprocess.run([sys.executable, str(BENCH / "convergence.py"), *a],
                                   capture_output=True, text=True, env=env, cwd=ROOT,
                                   timeout=600, check=False)
-  proc = run("--smoke", "--out", str(tmp_path), "--no-progress")
+  proc = run("--smoke", "--out", str(tmp_path), "--no-progress", "--evals-per-epoch", "2")
   assert proc.returncode == 0, proc.stderr[-4000:]
   runs = json.loads((tmp_path / "summary.json").read_text())["runs"]
   assert sorted((r["arm"], r["seed"]) for r in runs) == [
       ("adamw", 0), ("adamw", 1), ("qsgd:0.5", 0), ("qsgd:0.5", 1)]
   for r in runs:
-    assert len(r["test_accuracy"]) == r["epochs"] == 2
+    assert len(r["test_accuracy"]) == 2 * r["epochs"] == 4 and r["eval_epoch"] == [0.5, 1, 1.5, 2]
+    assert (r["arm"] == "qsgd:0.5") == ("term_share_median" in r)
   table = (tmp_path / "table.md").read_text()
   assert "| qsgd:0.5 | 2 |" in table
-  for png in ("curves_synthetic_standard.png", "epochs_to_target.png"):
+  for png in ("curves_synthetic_standard.png", "epochs_to_target.png", "term_share.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
   again = tmp_path / "again"
   proc = run("--from", str(tmp_path), "--out", str(again))
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert (again / "table.md").read_text() == table
   # --resume keeps the four runs and trains only the new seed.
-  proc = run("--smoke", "--out", str(tmp_path), "--seeds", "3", "--resume", "--no-progress")
+  proc = run("--smoke", "--out", str(tmp_path), "--seeds", "3", "--resume", "--no-progress",
+             "--evals-per-epoch", "2")
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "4 runs kept, 2 to train" in proc.stdout
   grown = json.loads((tmp_path / "summary.json").read_text())
   assert grown["runs"][:4] == runs and sorted((r["arm"], r["seed"]) for r in grown["runs"][4:]) == [
       ("adamw", 2), ("qsgd:0.5", 2)]
   assert grown["config"]["seeds"] == [0, 1, 2]
-  for bad, message in ((["--epochs", "3"], "epochs=2"), (["--lr", "0.5"], "lr=0.001")):
-    proc = run("--smoke", "--out", str(tmp_path), "--resume", "--no-progress", *bad)
+  for bad, message in ((["--epochs", "3"], "epochs=2"), (["--lr", "0.5"], "lr=0.001"),
+                       (["--evals-per-epoch", "1"], "evals_per_epoch=2")):
+    proc = run("--smoke", "--out", str(tmp_path), "--resume", "--no-progress",
+               *(["--evals-per-epoch", "2"] if "--evals-per-epoch" not in bad else []), *bad)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
   proc = run("--tasks", "mnist")
   assert proc.returncode == 2 and "--tasks" in proc.stderr and "Traceback" not in proc.stderr

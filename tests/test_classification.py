@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -177,3 +178,67 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run():
   bad = experiment.ClassificationConfig(**small, max_nonfinite=3, loss_scale=1e39)
   with pytest.raises(running.NonFiniteError, match=r"4 non-finite training steps in a row"):
     experiment.train_and_evaluate(bad, arm, 0, dataset=data)
+
+
+def test_evaluations_within_epochs_and_the_term_share(tiny_data):
+  config = experiment.ClassificationConfig(**TINY, evals_per_epoch=3, target_accuracy=0.05)
+  arm = arms.parse_arm("qsgd:0.5")
+  run = experiment.train_and_evaluate(config, arm, seed=0, dataset=tiny_data)
+  # 3 steps per epoch: evaluations after steps 1, 2, 3 of each of 2 epochs
+  assert run["eval_epoch"] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2])
+  assert len(run["test_accuracy"]) == 6 and len(run["train_loss"]) == 2
+  assert run["epochs_to_target"] == pytest.approx(1 / 3)
+  assert run["final_accuracy_window"] == pytest.approx(np.mean(run["test_accuracy"][-3:]))
+  shares = run["term_share_median"]
+  assert len(shares) == 6 and all(0 < s < 1 for s in shares)
+  assert all(m <= x for m, x in zip(shares, run["term_share_max"]))
+  # The probe only reads the state: without it the same train program gives the same run.
+  quiet = experiment.train_and_evaluate(dataclasses.replace(config, record_term_share=False), arm, seed=0,
+                                        dataset=tiny_data)
+  assert quiet["test_accuracy"] == run["test_accuracy"] and quiet["train_loss"] == run["train_loss"]
+  assert "term_share_median" not in quiet
+  assert "term_share_median" not in experiment.train_and_evaluate(config, arms.parse_arm("adamw"), seed=0,
+                                                                  dataset=tiny_data)
+
+
+def test_term_share_is_linear_in_the_weight_down_to_the_float32_floor(tiny_data):
+  """The share of lambda's term doubles with lambda; the null arm's sits at the float32 resolution."""
+  config = experiment.ClassificationConfig(**TINY)
+  model = transformer.create_model(config, tiny_data, seed=0)
+  batch = tiny_data.train.tokens[:32], tiny_data.train.labels[:32]
+  out = {}
+  for weight in (1e-6, 0.05, 0.1):
+    arm = arms.parse_arm(f"qsgd:{weight}")
+    optimizer = nnx.Optimizer(model, experiment._optimizer(arm, 1e-3, 0.0, 4), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer, experiment._metrics()))
+    state = experiment.train_step(graphdef, state, *batch)  # a non-trivial Adam state
+    share = experiment.term_share_fn(arm, 1e-3, 0.0, 4)(graphdef, state, *batch)
+    out[weight] = {k: float(v) for k, v in share.items()}
+    model = transformer.create_model(config, tiny_data, seed=0)
+  for key in ("median", "global"):
+    # the term is linear in lambda, |update| barely moves: rounding of u - u0 only
+    assert out[0.1][key] == pytest.approx(2 * out[0.05][key], rel=0.02)
+    assert out[1e-6][key] < 1e-6
+  assert experiment.term_share_fn(arms.parse_arm("adamw"), 1e-3, 0.0, 4) is None
+
+
+def test_agreement_task_and_markers_config():
+  config = experiment.ClassificationConfig(task="agreement", markers=3, n_train=64, n_test=16, seq_len=12)
+  data = experiment.load_task(config)
+  assert data.info["generator"] == "first_last_agree" and data.info["markers"] == 3
+  with pytest.raises(ValueError, match="markers"):
+    experiment.ClassificationConfig(task="agreement", markers=1)
+  # checkpoints written before these fields existed keep their identity at the defaults
+  arm = arms.parse_arm("adamw")
+  identity = experiment._identity(experiment.ClassificationConfig(), arm, 0, data)
+  assert "markers" not in identity and "evals_per_epoch" not in identity
+  assert experiment._identity(experiment.ClassificationConfig(evals_per_epoch=4), arm, 0, data)[
+      "evals_per_epoch"] == 4
+
+
+def test_run_arms_seed_major_skip_and_on_record():
+  seen = []
+  records = running.run_arms(arms.parse_arms("adamw,qsgd:0.5"), [0, 1], lambda arm, seed: {"x": seed},
+                             progress=False, seed_major=True, skip=[("qsgd:0.5", 0)], on_record=seen.append)
+  assert [(r["arm"], r["seed"]) for r in records] == [("adamw", 0), ("adamw", 1), ("qsgd:0.5", 1)]
+  assert seen == records

@@ -17,10 +17,15 @@ def _blocks(page: str) -> list[str]:
 
 def test_getting_started_runs_and_trains():
   blocks = _blocks("getting_started.md")
-  assert len(blocks) == 4
+  assert len(blocks) == 5
   ns: dict = {}
   for block in blocks:  # one namespace, in page order, as a reader runs them
     exec(compile(block, "getting_started.md", "exec"), ns)  # pylint: disable=exec-used
+  # The measured share: the first step's Adam direction is sign(g) = 1, so on the first
+  # 4 entries of each leaf |term| / |update| = 0.5 |sin(pi theta)| / (1 + 0.5 sin(pi theta)).
+  theta = np.concatenate([np.linspace(-1, 1, 12)[:4], np.full(4, 0.25)])
+  m = 0.5 * np.sin(np.pi * theta)
+  np.testing.assert_allclose(float(ns["share"]["max"]), np.max(np.abs(m) / np.abs(1 + m)), rtol=1e-4)
   # The nnx step trains.
   x = np.linspace(-1, 1, 64 * 8, dtype=np.float32).reshape(64, 8)
   y = x.sum(axis=1, keepdims=True) / 8

@@ -190,3 +190,23 @@ def test_classification_divergence_is_marked_warned_and_can_fail_the_exit_code(t
   assert "warning: qsgd:1e+06 seed 0 diverged" in loud.stderr and "adamw seed" not in loud.stderr
   strict = _run("sequence_classification.py", *args, "--fail-on-divergence")
   assert strict.returncode == 3 and "warning: qsgd:1e+06 seed 0 diverged" in strict.stderr
+
+
+def test_finetune_lm_paper_preset_is_the_papers_recipe(tmp_path):
+  spec = importlib.util.spec_from_file_location("finetune_lm", EXAMPLES / "finetune_lm.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  args = module.parse_args(["--preset", "paper"])
+  assert (args.model, args.examples, args.batch_size, args.lr, args.weight_decay, args.clip_norm,
+          args.grad_accum) == ("smollm2-135m", 7473, 1, 2e-5, 0.01, 1.0, 1)
+  assert round(args.warmup * 7473) == 500  # the schedule's warmup steps at one epoch of batch 1
+  assert [a.label for a in args.optimizers] == ["adamw", "qsgd:0.1", "qsgd:0.5", "qsgd:1e-06"]
+  assert module.parse_args(["--preset", "paper", "--examples", "3", "--lr", "1e-4"]).examples == 3
+  # The whole preset path end to end, on the tiny model and three problems.
+  proc = _run("finetune_lm.py", "--preset", "paper", "--model", "tiny", "--examples", "3",
+              "--test-examples", "2", "--max-len", "256", "--optimizers", "adamw,qsgd:1e-6",
+              "--out", str(tmp_path), "--no-progress")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["config"]["warmup"] == pytest.approx(500 / 7473)
+  assert [r["steps"] for r in summary["runs"]] == [3, 3]

@@ -214,3 +214,46 @@ def test_real_polarity_data():
   assert sum(sizes) == 10605 - 37 and sizes[1] == sizes[2] == 1057
   assert 0.45 < data.train.labels.mean() < 0.55
   assert 5000 < data.vocab_size < 20000
+
+
+def test_agreement_label_is_whether_first_and_last_marker_agree():
+  data = text_data.make_synthetic(400, 100, seed=5, rule="agree", markers=3)
+  assert data.num_classes == 2 and data.info["generator"] == "first_last_agree"
+  for split in (data.train, data.test):
+    classes = _marker_classes(split.tokens, data.info)
+    for row, label in zip(classes, split.labels):
+      markers = row[row >= 0]
+      assert markers.size == 3
+      assert label == int(markers[0] == markers[-1])
+  assert 0.4 < data.train.labels.mean() < 0.6  # two marker classes drawn independently: balanced
+
+
+def test_agreement_is_not_linearly_separable_from_marker_positions():
+  """A logistic regression on which class sits at each position stays near chance (it solves "first")."""
+  def probe_accuracy(data):
+    def features(split):
+      classes = _marker_classes(split.tokens, data.info)
+      return np.concatenate([classes == 0, classes == 1], axis=1).astype(np.float64)
+    x, y, xt, yt = features(data.train), data.train.labels, features(data.test), data.test.labels
+    mu, sd = x.mean(0), x.std(0) + 1e-9
+    x, xt = (x - mu) / sd, (xt - mu) / sd
+    w, b = np.zeros(x.shape[1]), 0.0
+    for _ in range(1500):
+      p = 1 / (1 + np.exp(-(x @ w + b)))
+      w -= 0.5 * x.T @ (p - y) / len(y)
+      b -= 0.5 * np.mean(p - y)
+    return np.mean(((xt @ w + b) > 0) == yt)
+
+  assert probe_accuracy(text_data.make_synthetic(2000, 1000)) > 0.9
+  assert probe_accuracy(text_data.make_synthetic(2000, 1000, rule="agree")) < 0.6
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rule": "last"}, "rule"),
+    ({"rule": "first", "markers": 3}, "markers"),
+    ({"rule": "agree", "markers": 1}, "markers"),
+    ({"rule": "agree", "markers": 40}, "markers"),
+])
+def test_agreement_rejects_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    text_data.make_synthetic(8, 4, **kwargs)

@@ -48,20 +48,34 @@ def run_arms(
     *,
     progress: bool = True,
     desc: str = "runs",
+    seed_major: bool = False,
+    skip: Iterable[tuple[str, int]] = (),
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
   """Runs ``run_one(arm, seed)`` for every arm and seed, arm-major.
 
   Returns one record per run: ``arm.record()``, then ``"seed"``, then the
   mapping ``run_one`` returned (its keys win on clashes). A progress bar
   counts finished runs and shows the current arm and seed.
+
+  Args:
+    seed_major: every arm of the first seed first (an interrupted
+      benchmark then holds complete pairs).
+    skip: ``(arm label, seed)`` pairs not to run (done earlier); they get
+      no record.
+    on_record: called with each record as soon as its run ends.
   """
+  skipped = {(label, int(seed)) for label, seed in skip}
+  jobs = ([(a, s) for s in seeds for a in arms] if seed_major else [(a, s) for a in arms for s in seeds])
+  jobs = [(a, s) for a, s in jobs if (a.label, int(s)) not in skipped]
   records: list[dict[str, Any]] = []
-  with progress_bar(total=len(arms) * len(seeds), desc=desc, disable=not progress) as bar:
-    for arm in arms:
-      for seed in seeds:
-        bar.set_postfix_str(f"{arm.label} seed={seed}")
-        record: dict[str, Any] = {**arm.record(), "seed": int(seed)}
-        record.update(run_one(arm, seed))
-        records.append(record)
-        bar.update(1)
+  with progress_bar(total=len(jobs), desc=desc, disable=not progress) as bar:
+    for arm, seed in jobs:
+      bar.set_postfix_str(f"{arm.label} seed={seed}")
+      record: dict[str, Any] = {**arm.record(), "seed": int(seed)}
+      record.update(run_one(arm, seed))
+      records.append(record)
+      if on_record is not None:
+        on_record(record)
+      bar.update(1)
   return records

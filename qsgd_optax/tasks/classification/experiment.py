@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 
-TASKS: tuple[str, ...] = ("synthetic", "polarity")
+TASKS: tuple[str, ...] = ("synthetic", "agreement", "polarity")
 _EVAL_BATCH = 250
 
 
@@ -71,7 +71,10 @@ class ClassificationConfig:
   Defaults are the paper's configuration on the synthetic task.
 
   Attributes:
-    task: ``"synthetic"`` or ``"polarity"``.
+    task: ``"synthetic"`` (which class fires first), ``"agreement"`` (do
+      the first and last markers agree: the headroom task, see
+      :func:`~qsgd_optax.tasks.classification.text_data.make_synthetic`) or
+      ``"polarity"``.
     epochs: passes over the training split.
     batch_size: training batch size (the last partial batch is dropped).
     learning_rate: constant learning rate.
@@ -88,6 +91,15 @@ class ClassificationConfig:
     loss_scale: multiplies the training loss the optimizer sees (its
       gradient, equivalently); metrics stay unscaled. Adam is invariant to
       it, the paper's raw-gradient QSGD term is not (``bench/robustness.py``).
+    markers: markers per sequence of the ``"agreement"`` task (>= 2).
+    evals_per_epoch: test-set evaluations per epoch, evenly spaced in steps
+      (the last at the epoch's end); the per-evaluation history resolves
+      steps-to-target below an epoch.
+    record_term_share: for ``qsgd`` arms, measure the quantum term's share
+      of the update at every evaluation (on a fixed probe batch: the first
+      ``batch_size`` training sequences; see :func:`term_share_fn`). Reads
+      the state, never changes it: the run's trajectory is the same either
+      way.
     max_nonfinite: when set, the optimizer is wrapped in
       ``optax.apply_if_finite``: a step with a non-finite gradient changes
       nothing and is counted (``nonfinite_steps`` in the record), and the run
@@ -117,6 +129,9 @@ class ClassificationConfig:
   data_seed: int = 0
   loss_scale: float = 1.0
   max_nonfinite: int | None = None
+  markers: int = 2
+  evals_per_epoch: int = 1
+  record_term_share: bool = True
 
   def __post_init__(self) -> None:
     for name, accepted in (("task", TASKS), ("attention", ATTENTIONS), ("pooling", POOLINGS),
@@ -124,7 +139,7 @@ class ClassificationConfig:
       if getattr(self, name) not in accepted:
         raise ValueError(f"{name} must be one of {accepted}, got {getattr(self, name)!r}")
     for name in ("epochs", "batch_size", "embed_dim", "num_heads", "ff_dim", "num_layers", "n_train",
-                 "n_test", "seq_len"):
+                 "n_test", "seq_len", "evals_per_epoch"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -135,6 +150,8 @@ class ClassificationConfig:
       raise ValueError(f"max_nonfinite must be None or a positive int, got {self.max_nonfinite!r}")
     if not (math.isfinite(self.loss_scale) and self.loss_scale > 0):
       raise ValueError(f"loss_scale must be positive and finite, got {self.loss_scale!r}")
+    if not isinstance(self.markers, int) or not 2 <= self.markers <= self.seq_len:
+      raise ValueError(f"markers must be an int in [2, seq_len={self.seq_len}], got {self.markers!r}")
     if not 0 <= self.dropout < 1:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
     if not 0 < self.target_accuracy <= 1:
@@ -147,6 +164,9 @@ def load_task(config: ClassificationConfig) -> text_data.TextDataset:
   """The dataset ``config`` names, with its fixed split."""
   if config.task == "synthetic":
     return text_data.make_synthetic(config.n_train, config.n_test, seq_len=config.seq_len, seed=config.data_seed)
+  if config.task == "agreement":
+    return text_data.make_synthetic(config.n_train, config.n_test, seq_len=config.seq_len, seed=config.data_seed,
+                                    rule="agree", markers=config.markers)
   return text_data.load_polarity(max_len=config.seq_len, seed=config.data_seed)
 
 
@@ -264,7 +284,10 @@ def epochs_to_target(accuracies: Sequence[float], target: float) -> int | None:
 # What must match for a checkpoint to be resumed: everything that shapes the
 # training trajectory. ``epochs`` (a resumed run may train longer) and
 # ``target_accuracy`` (only read when the record is built) are left out.
-_NOT_IDENTITY = ("epochs", "target_accuracy")
+_NOT_IDENTITY = ("epochs", "target_accuracy", "record_term_share")
+# Fields added after checkpoints were first written, left out at their
+# default so that those checkpoints still resume.
+_NEW_FIELDS = {"evals_per_epoch": 1, "markers": 2}
 
 
 def checkpoint_path(checkpoint_dir: str | os.PathLike[str], arm: Arm, seed: int) -> Path:
@@ -280,7 +303,8 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike[str], arm: Arm, seed: int)
 
 
 def _identity(config: ClassificationConfig, arm: Arm, seed: int, data: text_data.TextDataset) -> dict[str, Any]:
-  fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
+  fields = {k: v for k, v in dataclasses.asdict(config).items()
+            if k not in _NOT_IDENTITY and not (k in _NEW_FIELDS and v == _NEW_FIELDS[k])}
   return {"optimizer": arm.label, "seed": int(seed), **fields, "train_sequences": len(data.train),
           "vocab_size": int(data.vocab_size), "num_classes": int(data.num_classes)}
 
@@ -297,6 +321,57 @@ def _optimizer(arm: Arm, learning_rate: float, weight_decay: float, n_qubits: in
   if loss_scale != 1.0:  # the scaled gradient is what the optimizer (and the check) sees
     tx = optax.chain(optax.scale(loss_scale), tx)
   return tx
+
+
+SHARE_KEYS = ("median", "max", "global")
+
+
+@functools.lru_cache(maxsize=32)
+def term_share_fn(arm: Arm, learning_rate: float, weight_decay: float, n_qubits: int,
+                  loss_scale: float = 1.0, max_nonfinite: int | None = None) -> Callable[..., Any] | None:
+  """A jitted ``(graphdef, state, tokens, labels) -> {median, max, global}`` for a ``qsgd`` arm.
+
+  On one batch, from the run's current state: the arm's update ``u`` (what
+  its next step would apply) and the quantum term's part of it, ``u``
+  minus the update of the same optimizer with ``quantum_weight=0`` (exactly
+  AdamW's chain) from the same state; then
+  :func:`qsgd_optax.term_share` on the arm's scope. The state passed in is
+  not changed (the function returns only the three ratios). The
+  difference of two float32 updates resolves shares down to about 1e-7
+  (one rounding of ``u``); smaller terms read as that floor. ``None`` for
+  ``adamw``, which has no term.
+  """
+  if arm.name != "qsgd":
+    return None
+  import qsgd_optax  # pylint: disable=import-outside-toplevel
+
+  tx = _optimizer(arm, learning_rate, weight_decay, n_qubits, loss_scale, max_nonfinite)
+  twin = _optimizer(dataclasses.replace(arm, quantum_weight=0.0), learning_rate, weight_decay, n_qubits,
+                    loss_scale, max_nonfinite)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def share(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    model, optimizer, _ = nnx.merge(graphdef, state)
+    seen: dict[str, Any] = {}
+
+    def record(grads, opt_state, params=None, **extra):
+      updates, new_state = tx.update(grads, opt_state, params, **extra)
+      seen["updates"], seen["params"] = updates, params
+      seen["twin"] = twin.update(grads, opt_state, params, **extra)[0]
+      return updates, new_state
+
+    def loss_fn(model: TransformerClassifier) -> jax.Array:
+      return optax.softmax_cross_entropy_with_integer_labels(model(tokens), labels).mean()
+
+    grads = nnx.grad(loss_fn)(model)
+    # nnx.Optimizer turns its variables into arrays and back the same way
+    # on every flax version; only its transformation is swapped, on this copy.
+    optimizer.tx = optax.GradientTransformationExtraArgs(tx.init, record)
+    optimizer.update(model, grads)
+    term = jax.tree.map(jnp.subtract, seen["updates"], seen["twin"])
+    return qsgd_optax.term_share(term, seen["updates"], seen["params"], n_qubits, scope=arm.scope)
+
+  return share
 
 
 def _finite_guard(opt_state: Any) -> Any:
@@ -417,6 +492,8 @@ def train_and_evaluate(
             "the end of this run")
       order_rng.bit_generator.state = saved["order_rng"]
       history = {k: list(v) for k, v in saved["history"].items()}
+      if "eval_epoch" not in history:  # written before evaluations were placed (one per epoch then)
+        history["eval_epoch"] = [float(e) for e in range(1, len(history.get("test_accuracy", [])) + 1)]
       nnx.update((model, optimizer, metrics), state)
 
     compile_start = time.perf_counter()
@@ -433,6 +510,29 @@ def train_and_evaluate(
     return {"step": global_step, "epoch": epoch, "position": position, "order_rng": rng_state,
             "history": history}
 
+  # Evaluations after these steps of every epoch (the last is the epoch's end).
+  eval_after = sorted({round(k * steps_per_epoch / config.evals_per_epoch)
+                       for k in range(1, config.evals_per_epoch + 1)} - {0})
+  share_fn = None
+  if config.record_term_share:
+    share_fn = term_share_fn(arm, config.learning_rate, config.weight_decay, config.n_qubits,
+                             config.loss_scale, config.max_nonfinite)
+  probe = (place_batch(data.train.tokens[:config.batch_size]),
+           place_batch(data.train.labels[:config.batch_size]))
+
+  def evaluate(epoch: int, position: int) -> None:
+    """Test (and validation) metrics, and the term's share, of the current state."""
+    nnx.update((model, optimizer, metrics), state)
+    history.setdefault("eval_epoch", []).append(epoch + position / steps_per_epoch)
+    for name, split in (("test", data.test), ("validation", data.validation)):
+      if split is not None:
+        for key, value in _evaluate(model, split, replicated).items():
+          history.setdefault(f"{name}_{key}", []).append(value)
+    if share_fn is not None:
+      shares = share_fn(graphdef, state, *probe)
+      for key in SHARE_KEYS:
+        history.setdefault(f"term_share_{key}", []).append(float(shares[key]))
+
   train_time, steps_run = 0.0, 0
   try:
     for epoch in progress_bar(range(first_epoch, config.epochs), desc=f"{arm.label} seed={seed}",
@@ -446,6 +546,13 @@ def train_and_evaluate(
         state = step(state, place_batch(tokens[i]), place_batch(labels[i]))
         global_step += 1
         steps_run += 1
+        if i + 1 in eval_after[:-1]:  # a mid-epoch evaluation; the epoch's last comes below
+          jax.block_until_ready(state)
+          eval_start = time.perf_counter()
+          evaluate(epoch, i + 1)
+          graphdef, state = nnx.split((model, optimizer, metrics))
+          state = _on_mesh(state, replicated)
+          save_time += time.perf_counter() - eval_start
         if (checkpoints is not None and checkpoint_every is not None and global_step % checkpoint_every == 0
             and i + 1 < steps_per_epoch):  # the epoch's last step is saved after evaluation
           save_start = time.perf_counter()
@@ -468,11 +575,8 @@ def train_and_evaluate(
       for key, value in metrics.compute().items():
         history.setdefault(f"train_{key}", []).append(float(value))
       metrics.reset()
-      splits = {"test": data.test, "validation": data.validation}
-      for name, split in splits.items():
-        if split is not None:
-          for key, value in _evaluate(model, split, replicated).items():
-            history.setdefault(f"{name}_{key}", []).append(value)
+      graphdef, state = nnx.split((model, optimizer, metrics))
+      evaluate(epoch, steps_per_epoch)
       graphdef, state = nnx.split((model, optimizer, metrics))
       state = _on_mesh(state, replicated)  # metrics.reset() may have made new single-device arrays
       if checkpoints is not None:
@@ -482,11 +586,19 @@ def train_and_evaluate(
       checkpoints.close()
 
   test_accuracy = history["test_accuracy"]
+  window = min(len(test_accuracy), max(3, config.evals_per_epoch))
+  reached = [e for e, a in zip(history["eval_epoch"], test_accuracy) if a >= config.target_accuracy]
+  to_target = reached[0] if reached else None
+  if to_target is not None and config.evals_per_epoch == 1:
+    to_target = int(round(to_target))
   record = {
       **history,
       "final_accuracy": test_accuracy[-1],
+      "final_accuracy_window": float(np.mean(test_accuracy[-window:])),
+      "final_window": window,
       "best_accuracy": max(test_accuracy),
-      "epochs_to_target": epochs_to_target(test_accuracy, config.target_accuracy),
+      "epochs_to_target": to_target,
+      "evals_per_epoch": config.evals_per_epoch,
       "steps": steps_per_epoch * config.epochs,
       "wall_time_s": time.perf_counter() - start,
       "compile_time_s": compile_time,

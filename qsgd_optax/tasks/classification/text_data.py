@@ -58,6 +58,7 @@ import numpy as np
 
 __all__ = [
     "PAD",
+    "SYNTHETIC_RULES",
     "POLARITY_COMMAND",
     "Split",
     "TextDataset",
@@ -71,6 +72,7 @@ __all__ = [
 ]
 
 PAD = 0
+SYNTHETIC_RULES = ("first", "agree")
 UNK = 1  # text tasks only
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -128,21 +130,29 @@ class TextDataset:
 
 def _synthetic_split(
     rng: np.random.Generator, n: int, seq_len: int, num_classes: int,
-    markers_per_class: int, marker_tokens: int, noise_tokens: int,
+    markers_per_class: int, marker_tokens: int, noise_tokens: int, rule: str = "first",
+    markers: int | None = None,
 ) -> Split:
-  """Draws ``n`` sequences of the first-marker task."""
+  """Draws ``n`` sequences of the first-marker (or agreement) task."""
   first_noise = 1
   first_marker = first_noise + noise_tokens
   tokens = rng.integers(first_noise, first_marker, size=(n, seq_len))
-  n_markers = num_classes * markers_per_class
+  n_markers = num_classes * markers_per_class if markers is None else markers
   # distinct random positions per row: argsort of uniform keys
   positions = np.argsort(rng.random((n, seq_len)), axis=1)[:, :n_markers]
-  classes = np.repeat(np.arange(num_classes), markers_per_class)[None, :].repeat(n, axis=0)
-  classes = rng.permuted(classes, axis=1)
+  if rule == "first":
+    classes = np.repeat(np.arange(num_classes), markers_per_class)[None, :].repeat(n, axis=0)
+    classes = rng.permuted(classes, axis=1)
+  else:  # "agree": every marker's class drawn independently
+    classes = rng.integers(0, num_classes, size=(n, n_markers))
   which = rng.integers(0, marker_tokens, size=(n, n_markers))
   rows = np.arange(n)[:, None]
   tokens[rows, positions] = first_marker + classes * marker_tokens + which
-  labels = classes[np.arange(n), np.argmin(positions, axis=1)]
+  first = classes[np.arange(n), np.argmin(positions, axis=1)]
+  if rule == "first":
+    labels = first
+  else:
+    labels = (first == classes[np.arange(n), np.argmax(positions, axis=1)]).astype(np.int64)
   return Split(tokens.astype(np.int32), labels.astype(np.int32))
 
 
@@ -156,6 +166,8 @@ def make_synthetic(
     marker_tokens: int = 4,
     noise_tokens: int = 24,
     seed: int = 0,
+    rule: str = "first",
+    markers: int | None = None,
 ) -> TextDataset:
   """The seeded "which class fires first" task (see the module docstring).
 
@@ -168,6 +180,13 @@ def make_synthetic(
     marker_tokens: distinct marker tokens per class.
     noise_tokens: distinct noise tokens.
     seed: fixes both splits.
+    rule: ``"first"``: the label is the class of the earliest marker (every
+      class contributes ``markers_per_class`` markers). ``"agree"``: each of
+      the ``num_classes * markers_per_class`` markers draws its class
+      independently, and the label is 1 when the first and the last marker
+      are of the same class, else 0 (two labels whatever ``num_classes``).
+    markers: rule ``"agree"`` only: markers per sequence (default
+      ``num_classes * markers_per_class``), at least 2.
 
   Returns:
     A :class:`TextDataset` with ``vocab_size = 1 + noise_tokens +
@@ -185,14 +204,24 @@ def make_synthetic(
   if seq_len < num_classes * markers_per_class:
     raise ValueError(
         f"seq_len ({seq_len}) must hold num_classes * markers_per_class = {num_classes * markers_per_class} markers")
+  if rule not in SYNTHETIC_RULES:
+    raise ValueError(f"rule must be one of {SYNTHETIC_RULES}, got {rule!r}")
+  if markers is not None:
+    if rule != "agree":
+      raise ValueError(f"markers is for rule='agree' only, got rule={rule!r}")
+    if not isinstance(markers, (int, np.integer)) or not 2 <= markers <= seq_len:
+      raise ValueError(f"markers must be an int in [2, seq_len={seq_len}], got {markers!r}")
   rng = np.random.default_rng(np.random.SeedSequence([seed, 20251101]))
-  args = (seq_len, num_classes, markers_per_class, marker_tokens, noise_tokens)
+  args = (seq_len, num_classes, markers_per_class, marker_tokens, noise_tokens, rule, markers)
   train = _synthetic_split(rng, n_train, *args)
   test = _synthetic_split(rng, n_test, *args)
-  info = {"generator": "first_marker", "n_train": n_train, "n_test": n_test, "seq_len": seq_len,
+  info = {"generator": "first_marker" if rule == "first" else "first_last_agree", "n_train": n_train, "n_test": n_test, "seq_len": seq_len,
           "num_classes": num_classes, "markers_per_class": markers_per_class,
           "marker_tokens": marker_tokens, "noise_tokens": noise_tokens, "seed": seed}
-  return TextDataset("synthetic", train, test, None, 1 + noise_tokens + num_classes * marker_tokens, num_classes, info)
+  if rule == "agree":
+    info["markers"] = num_classes * markers_per_class if markers is None else markers
+  return TextDataset("synthetic", train, test, None, 1 + noise_tokens + num_classes * marker_tokens,
+                     num_classes if rule == "first" else 2, info)
 
 
 # --------------------------------------------------------------------------- tokenizer

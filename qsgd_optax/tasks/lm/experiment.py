@@ -38,7 +38,9 @@ from qsgd_optax.tasks.arms import Arm
 from qsgd_optax.tasks.lm.batching import make_batches, pack_examples
 from qsgd_optax.tasks.lm.loop import evaluate, finite_mean, smooth_curve, train
 from qsgd_optax.tasks.lm.sharding import device_summary, make_mesh, param_shardings, state_shardings
-from qsgd_optax.tasks.lm.steps import Compiled, make_eval_fn, make_grad_fn, make_optimizer, make_update_fn, split_params
+from qsgd_optax.tasks.lm.sharding import shard_batch
+from qsgd_optax.tasks.lm.steps import (Compiled, make_eval_fn, make_grad_fn, make_optimizer, make_share_fn,
+                                       make_update_fn, split_params)
 
 __all__ = [
     "DTYPES",
@@ -211,6 +213,10 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[Arm],
                  checkpoint_every: int | None = None, keep: int = 3,
                  resume: bool = False,
                  on_step: Callable[[int], None] | None = None,
+                 share_points: int = 8,
+                 skip: Sequence[tuple[str, int]] = (),
+                 on_record: Callable[[dict[str, Any]], None] | None = None,
+                 seed_major: bool = False,
                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """Fine-tunes the model once per (arm, seed); one epoch each.
 
@@ -238,6 +244,15 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[Arm],
       error too.
     on_step: called with the number of micro-batches done after each one
       (and after its checkpoint, if any); raising stops the run.
+    share_points: for ``qsgd`` arms (with ``grad_accum=1``), how many
+      times, at the mid-points of equal parts of the epoch, to measure the quantum term's
+      share of the next update on a probe batch (the run's first batch,
+      the same for every arm of a seed): :func:`~qsgd_optax.tasks.lm.steps.make_share_fn`, recorded
+      as ``term_share_step`` / ``_median`` / ``_max`` / ``_global``. Reads
+      the state only; 0 turns it off.
+    skip: ``(arm label, seed)`` runs not to make (done earlier).
+    on_record: called with each run's record as soon as it ends.
+    seed_major: every arm of a seed before the next seed.
 
   Returns:
     ``(runs, info)``: one record per run (see the CLI's docs for the keys)
@@ -337,6 +352,20 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[Arm],
       o_shard = None
       opt_state = jax.jit(tx.init)(params)
     update_fn = Compiled(make_update_fn(tx, p_shard, o_shard))
+    share_fn, share_at = None, set()
+    if arm.name == "qsgd" and share_points and config.grad_accum == 1:
+      twin = make_optimizer(dataclasses.replace(arm, quantum_weight=0.0), learning_rate=config.learning_rate,
+                            total_steps=total_steps, warmup_steps=warmup, weight_decay=config.weight_decay,
+                            clip_norm=config.clip_norm, n_qubits=config.n_qubits)
+      if config.max_nonfinite is not None:
+        twin = optax.apply_if_finite(twin, max_consecutive_errors=config.max_nonfinite + 1)
+      share_fn = Compiled(make_share_fn(tx, twin, config.n_qubits, arm.scope))
+      # mid-points of share_points equal parts; never after the last batch, where the
+      # schedule's learning rate is 0 and there is no next update to compare with
+      share_at = {min(len(batches) - 1, max(1, round((k + 0.5) * len(batches) / share_points)))
+                  for k in range(share_points)} - {0}
+    shares: dict[str, list[float]] = {}
+    probe = shard_batch(batches[0], mesh)
 
     checkpoints, prior = None, {"micro_step": 0, "losses": [], "tokens": [], "seconds": 0.0}
     if checkpoint_dir is not None:
@@ -350,10 +379,17 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[Arm],
     every = None if checkpoint_every is None else checkpoint_every * config.grad_accum
 
     def after_step(done, params, opt_state, losses, tokens, seconds):
+      if share_fn is not None and done in share_at:
+        _, grads = grad_fn(params, probe)  # the run's first batch: its shape is compiled already
+        measured = share_fn(params, opt_state, grads)
+        shares.setdefault("term_share_step", []).append(done)
+        for key in ("median", "max", "global"):
+          shares.setdefault(f"term_share_{key}", []).append(float(measured[key]))
       if checkpoints is not None and (done == len(batches) or (every and done % every == 0)):
         checkpoints.save(done, _state_tree(params, opt_state),
                          {"micro_step": done, "losses": losses, "tokens": tokens,
-                          "seconds": seconds, "state_paths": _state_paths(params, opt_state)})
+                          "seconds": seconds, "state_paths": _state_paths(params, opt_state),
+                          "term_share": shares})
       if on_step is not None:
         on_step(done)
 
@@ -364,6 +400,7 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[Arm],
             check=lambda saved: _check_state_paths(saved, (params, opt_state), checkpoints.directory))
         params, opt_state = jax.tree.unflatten(jax.tree.structure((params, opt_state)),
                                                [tree[k] for k in sorted(tree)])
+        shares.update({k: list(v) for k, v in prior.get("term_share", {}).items()})
         log(f"{arm.label} seed={seed}: resumed at micro-batch {prior['micro_step']} "
             f"of {len(batches)} from {checkpoints.directory}")
       result = train(params, opt_state, batches, grad_fn=grad_fn,
@@ -371,7 +408,8 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[Arm],
                      desc=f"{arm.label} seed={seed}", start=prior["micro_step"],
                      losses=prior["losses"], tokens=prior["tokens"],
                      seconds=prior["seconds"],
-                     on_step=after_step if checkpoints is not None or on_step is not None else None,
+                     on_step=(after_step if checkpoints is not None or on_step is not None
+                              or share_fn is not None else None),
                      max_nonfinite=config.max_nonfinite)
     finally:
       if checkpoints is not None:
@@ -398,14 +436,15 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[Arm],
         "resumed_at": prior["micro_step"] if checkpoints is not None else None,
         "loss_curve": losses,
         "loss_smooth": smooth_curve(losses),
+        **shares,
     }
     log(f"{arm.label} seed={seed}: mean loss {record['mean_loss']:.4f}, "
         f"held-out {record['eval_loss_before']:.4f} -> {after:.4f}, "
         f"{record['tokens_per_s']:.0f} tok/s, {record['wall_time']:.0f} s")
     return record
 
-  runs = running.run_arms(arms, seeds, run_one, progress=progress,
-                          desc="runs")
+  runs = running.run_arms(arms, seeds, run_one, progress=progress, desc="runs", seed_major=seed_major,
+                          skip=skip, on_record=on_record)
   info["grad_compile_seconds"] = grad_fn.compile_seconds
   info["eval_compile_seconds"] = eval_fn.compile_seconds
   return runs, info

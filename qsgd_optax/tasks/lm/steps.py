@@ -38,6 +38,7 @@ __all__ = [
     "make_grad_fn",
     "make_optimizer",
     "make_schedule",
+    "make_share_fn",
     "make_update_fn",
     "split_params",
     "train_step",
@@ -117,6 +118,28 @@ def make_update_fn(tx: optax.GradientTransformation, param_sharding: Any = None,
   if param_sharding is not None:
     out = (param_sharding, opt_sharding)
   return jax.jit(update_fn, donate_argnums=(0, 1), out_shardings=out)
+
+
+def make_share_fn(tx: optax.GradientTransformation, twin: optax.GradientTransformation,
+                  n_qubits: int, scope: str) -> Callable[..., Any]:
+  """Jitted ``(params, opt_state, grads) -> {median, max, global}``: the quantum term's share.
+
+  ``tx`` is a run's optimizer and ``twin`` the same one with
+  ``quantum_weight=0`` (AdamW's chain); both updates are taken from the
+  same state, their difference is the term's part of ``tx``'s update, and
+  :func:`qsgd_optax.term_share` compares it with that update. Nothing is
+  donated or changed. The float32 difference resolves shares down to about
+  1e-7.
+  """
+  import qsgd_optax  # pylint: disable=import-outside-toplevel
+
+  def share(params, opt_state, grads):
+    updates, _ = tx.update(grads, opt_state, params)
+    base, _ = twin.update(grads, opt_state, params)
+    term = jax.tree.map(jnp.subtract, updates, base)
+    return qsgd_optax.term_share(term, updates, params, n_qubits, scope=scope)
+
+  return jax.jit(share)
 
 
 def make_eval_fn(graphdef: nnx.GraphDef) -> Callable[..., Any]:
