@@ -112,7 +112,7 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
   """A markdown table in the shape of the paper's Table I, then the claim against the null arm."""
   header = ["arm", "n", "paper mean loss", "mean train loss", "vs adamw [95% t CI] p", "vs null",
             "held-out after", "vs adamw [95% t CI] p", "vs null", "term share median / max", "tok/s"]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  body = []
   for r in rows:
     name = f"{r['arm']} (null)" if r.get("is_null") else r["arm"]
     cells = [name, r["n"], "" if r["paper_mean_loss"] is None else f"{r['paper_mean_loss']:.4f}"]
@@ -124,7 +124,8 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
     share = r.get("term_share")
     cells.append(f"{share['median']:.1e} / {share['max']:.1e}" if share else "")
     cells.append(f"{r['tokens_per_s']:.0f}")
-    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    body.append(cells)
+  lines = reporting.markdown_table(header, body)
   claim_rows = [r for r in rows if r.get("claim_vs_null")]
   if claim_rows:
     lines += ["", f"Claim: mean training loss {100 * PAPER_EFFECT:+.0f}% (paper: -4.11% / -4.16%), each arm "

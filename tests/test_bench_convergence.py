@@ -156,3 +156,12 @@ def test_smoke_and_from(tmp_path):
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
   proc = run("--tasks", "mnist")
   assert proc.returncode == 2 and "--tasks" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_final_accuracy_claim_is_untestable_at_the_ceiling():
+  conv = _load("convergence")
+  runs = _handmade([((1.0, 5), (0.99, 5), (1.0, 5)), ((1.0, 6), (0.985, 6), (1.0, 6))])
+  row = {r["arm"]: r for r in conv.analyse(runs, 0.9)}["qsgd:0.5"]
+  accuracy = next(c for c in row["claims_vs_null"] if c["claim"] == "final accuracy")
+  assert accuracy["method"] == "ceiling" and accuracy["excluded"] is None
+  assert "untestable" in conv.tables(conv.analyse(runs, 0.9))

@@ -25,6 +25,7 @@ __all__ = [
     "arm_label",
     "divergence_warnings",
     "format_table",
+    "markdown_table",
     "group_runs",
     "mean_std",
     "plot_curves",
@@ -100,6 +101,25 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
+                   drop_empty: bool = True) -> list[str]:
+  """The lines of a markdown table; columns empty in every row are left out.
+
+  >>> print("\\n".join(markdown_table(["arm", "acc", "note"], [["adamw", 0.9, ""]])))
+  | arm | acc |
+  |---|---|
+  | adamw | 0.9 |
+  """
+  cells = [[str(c) for c in row] for row in rows]
+  if any(len(r) != len(headers) for r in cells):
+    raise ValueError("rows must have as many cells as headers")
+  keep = [i for i in range(len(headers))
+          if not drop_empty or i == 0 or any(r[i] for r in cells)]
+  lines = ["| " + " | ".join(headers[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+  lines += ["| " + " | ".join(r[i] for i in keep) + " |" for r in cells]
+  return lines
 
 
 def _jsonable(obj: Any) -> Any:

@@ -26,6 +26,23 @@ settings and kept the one where AdamW crosses 90% test accuracy inside
 CPU. Fewer markers made it too easy (one marker per class: 90% in 2-3
 epochs), more made it too slow (three per class: not at 90% after 12).
 
+Agreement task (``make_synthetic(rule="agree")``): the headroom task
+---------------------------------------------------------------------
+The order task is nearly linear: a logistic regression on which class
+sits at each position reaches 96.4% (AdamW 95-97%), so it leaves an
+optimizer little room. In the agreement variant every marker draws its
+class independently and the label says whether the *first and the last*
+marker agree: an XOR of two positions, which the same linear probe cannot
+learn (48.8% test accuracy, chance). Calibration with the paper's model
+and AdamW (lr 1e-3, batch 32, 2000 training / 1000 test sequences of
+length 32, 15 epochs, seed 0): with 2 markers the test accuracy stays at
+chance for 4-6 epochs and then jumps to 100% within one epoch (seeds 0-4:
+first epoch at >= 90% = 6, 5, 6, 7, 6); with 3 or 4 markers it climbs to
+a 75% plateau and stays there (4 markers, 4000 or 8000 sequences: 72-74%
+after 15 epochs). ``markers=2`` is the headroom task for speed (when the
+rule is found; evaluate several times per epoch to resolve it),
+``markers=4`` a task with 25 points of headroom in final accuracy.
+
 Polarity task (``load_polarity``)
 ---------------------------------
 Pang & Lee movie-review snippets with VADER's human ratings (10,605
