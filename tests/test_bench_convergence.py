@@ -165,3 +165,19 @@ def test_final_accuracy_claim_is_untestable_at_the_ceiling():
   accuracy = next(c for c in row["claims_vs_null"] if c["claim"] == "final accuracy")
   assert accuracy["method"] == "ceiling" and accuracy["excluded"] is None
   assert "untestable" in conv.tables(conv.analyse(runs, 0.9))
+
+
+def test_gradient_scale_smoke_and_from(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  script = str(BENCH / "gradient_scale.py")
+  proc = subprocess.run([sys.executable, script, "--smoke", "--every", "1", "--out", str(tmp_path)],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  runs = json.loads((tmp_path / "summary.json").read_text())["runs"]
+  assert [r["task"] for r in runs] == ["synthetic", "agreement"]
+  for r in runs:  # 192 / 32 = 6 steps, each sampled; the touched coordinates are a subset of all
+    assert len(r["max_abs_grad_touched"]) == r["steps"] == 6
+    assert all(0 < t <= a for t, a in zip(r["max_abs_grad_touched"], r["max_abs_grad_all"]))
+  again = subprocess.run([sys.executable, script, "--from", str(tmp_path)], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=600, check=False)
+  assert again.returncode == 0 and again.stdout.strip() == (tmp_path / "table.md").read_text().strip()
