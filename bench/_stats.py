@@ -111,8 +111,8 @@ def claim_test(diffs: Sequence[float], effect: float, *, relative: bool = False,
   Returns:
     ``n``, ``mean`` (the mean difference, or ratio - 1), ``side``, ``bound``,
     ``effect``, ``excluded`` (``True`` when the bound lies on the other side
-    of the effect, ``False`` when not, ``None`` below 2 pairs) and
-    ``method``.
+    of the effect, ``False`` when not, ``None`` below 2 pairs or when a
+    difference is not finite) and ``method``.
 
   >>> r = claim_test([0.001, -0.004, 0.003, 0.0], 0.023)
   >>> r["side"], round(r["bound"], 4), r["excluded"]
@@ -125,11 +125,13 @@ def claim_test(diffs: Sequence[float], effect: float, *, relative: bool = False,
   if relative:
     mean, bound = math.expm1(mean) if d.size else math.nan, math.expm1(bound)
   excluded = None
-  if d.size >= 2:
+  if d.size >= 2 and math.isfinite(bound):
     excluded = bool(bound < effect) if side == "upper" else bool(bound > effect)
+  method = f"one-sided {level:.0%} Student-t, {max(d.size - 1, 0)} df"
+  if d.size >= 2 and np.all(np.isfinite(d)) and np.ptp(d) == 0:
+    method += "; every difference equal, so the bound is the mean (degenerate)"
   return {"n": int(d.size), "mean": mean, "side": side, "bound": bound, "effect": effect,
-          "excluded": excluded, "relative": relative,
-          "method": f"one-sided {level:.0%} Student-t, {max(d.size - 1, 0)} df"}
+          "excluded": excluded, "relative": relative, "method": method}
 
 
 def paired(treatment: dict[int, float | None], control: dict[int, float | None]) -> dict[str, float]:

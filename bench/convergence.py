@@ -77,8 +77,14 @@ def _setting(run: Mapping[str, Any]) -> str:
 
 
 def _final(run: Mapping[str, Any]) -> float:
-  """Final accuracy: the mean of the last evaluations where recorded, else the last one."""
-  return run.get("final_accuracy_window", run["final_accuracy"])
+  """Final accuracy: with several evaluations per epoch the mean of the last ones, else the last.
+
+  ``--resume`` refuses to mix runs with different ``evals_per_epoch`` in one
+  summary, so every run of a setting is measured the same way.
+  """
+  if run.get("evals_per_epoch", 1) > 1:
+    return run["final_accuracy_window"]
+  return run["final_accuracy"]
 
 
 def _time_to_target(run: Mapping[str, Any]) -> float | None:
@@ -107,7 +113,14 @@ def _share(arm_runs: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
 
 
 def claims(treatment: Sequence[Mapping[str, Any]], control: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """Each paper claim tested on paired seeds: ``treatment`` minus ``control``."""
+  """Each paper claim tested on paired seeds: ``treatment`` minus ``control``.
+
+  A metric that some run never reached (censored) makes its claim "n/a".
+  The final-accuracy gain is "untestable" when ``control``'s mean plus the
+  claimed gain exceeds 100%: no arm could show it there, so a bound at 0
+  would say nothing about the method (even a clearly worse treatment is
+  reported only as its difference).
+  """
   out = []
   for name, metric, effect, relative, paper in CLAIMS:
     t = {r["seed"]: _metric(r, metric) for r in treatment}
@@ -235,7 +248,7 @@ def tables(rows: Sequence[Mapping[str, Any]]) -> str:
   return "\n\n".join(out)
 
 
-def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
+def plot(runs: Sequence[Mapping[str, Any]], out: Path, null_arm: str = NULL_ARM) -> list[Path]:
   """Learning curves per setting and the epochs-to-target distributions."""
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
@@ -243,10 +256,16 @@ def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
   settings = reporting.group_runs(runs, "setting")
   for setting, group in settings.items():
     name = setting.replace("/", "_")
-    paths.append(reporting.plot_curves(
-        group, out / f"curves_{name}.png",
-        [("test_accuracy", "test accuracy"), ("train_loss", "training loss")],
-        band="std", title=f"{setting}: mean +- std over seeds"))
+    title = f"{setting}: mean +- std over seeds"
+    if group[0].get("evals_per_epoch", 1) > 1:  # test accuracy within epochs, training loss per epoch
+      paths.append(reporting.plot_curves(group, out / f"curves_{name}.png", [("test_accuracy", "test accuracy")],
+                                         x_key="eval_epoch", band="std", title=title))
+      paths.append(reporting.plot_curves(group, out / f"train_loss_{name}.png", [("train_loss", "training loss")],
+                                         band="std", title=title))
+    else:
+      paths.append(reporting.plot_curves(
+          group, out / f"curves_{name}.png",
+          [("test_accuracy", "test accuracy"), ("train_loss", "training loss")], band="std", title=title))
   fig = Figure(figsize=(6.0 * len(settings), 4.0), layout="constrained")
   axes = fig.subplots(1, len(settings), squeeze=False)[0]
   for ax, (setting, group) in zip(axes, settings.items()):
@@ -267,7 +286,7 @@ def plot(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
   fig.savefig(path, dpi=110)
   paths.append(path)
   paths += _plot_shares(runs, out)
-  paths += _plot_dose(analyse(runs, runs[0]["target_accuracy"] if runs else 0.9), out)
+  paths += _plot_dose(analyse(runs, runs[0]["target_accuracy"] if runs else 0.9, null_arm), out)
   return paths
 
 
@@ -287,10 +306,10 @@ def _plot_shares(runs: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
       if not curves:
         continue
       length = min(len(r["term_share_median"]) for r in curves)
-      x = curves[0]["eval_epoch"][:length]
+      x = curves[0].get("term_share_epoch", curves[0]["eval_epoch"])[-length:]
       color = None
       for key, style in (("term_share_median", "-"), ("term_share_global", ":")):
-        y = np.nanmedian(np.asarray([r[key][:length] for r in curves], np.float64), axis=0)
+        y = np.nanmedian(np.asarray([r[key][-length:] for r in curves], np.float64), axis=0)
         color = ax.plot(x, y, style, color=color, label=f"{arm} ({key.rsplit('_', 1)[1]})")[0].get_color()
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
@@ -396,6 +415,8 @@ def _fill(args: argparse.Namespace) -> argparse.Namespace:
 
 # Options that shape every run: runs made with other values are not comparable.
 _SHARED = ("lr", "batch_size", "smoke", "evals_per_epoch", "markers")
+# What a summary written before an option existed was made with.
+_OLD_DEFAULTS = {"evals_per_epoch": 1, "markers": 2}
 # Options that name what was run: a resumed summary records the union.
 _UNION = ("tasks", "attention", "optimizers", "seeds")
 
@@ -414,8 +435,9 @@ def _previous(path: Path, args: argparse.Namespace,
                      "or the same settings.")
 
   for key in _SHARED:
-    if key in saved and saved[key] != config[key]:
-      refuse(f"runs made with {key}={saved[key]!r}; this command asks for {key}={config[key]!r}")
+    made = saved.get(key, _OLD_DEFAULTS.get(key))
+    if (key in saved or key in _OLD_DEFAULTS) and made != config[key]:
+      refuse(f"runs made with {key}={made!r}; this command asks for {key}={config[key]!r}")
   for run in runs:
     if run["task"] not in args.tasks or run["attention"] not in args.attention:
       continue  # another setting: kept as it is
@@ -493,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   (out / "table.md").write_text(text + "\n")
   (out / "analysis.json").write_text(json.dumps(rows, indent=2, allow_nan=True) + "\n")
-  paths = plot(runs, out)
+  paths = plot(runs, out, args.null_arm)
   print(f"\nwrote {out / 'summary.json'}, {out / 'table.md'}, "
         + ", ".join(str(p) for p in paths))
   return 0

@@ -45,7 +45,8 @@ def measure(task: str, *, epochs: int, every: int, seed: int, smoke: bool) -> di
   config = experiment.ClassificationConfig(task=task, epochs=epochs, **sizes)
   data = experiment.load_task(config)
   model = transformer.create_model(config, data, seed)
-  optimizer = nnx.Optimizer(model, optax.adamw(config.learning_rate), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, optax.adamw(config.learning_rate, weight_decay=config.weight_decay),
+                            wrt=nnx.Param)
 
   @nnx.jit
   def step(model, optimizer, tokens, labels):

@@ -22,7 +22,9 @@ the quantum term's share of the update at 8 points of the epoch.
 The summary is written after every run; ``--resume`` keeps the runs
 already in it and continues an interrupted run from its checkpoints in
 ``OUT/checkpoints`` (every 25 optimizer steps), so a long benchmark can be
-stopped and continued later.
+stopped and continued later. Checkpoints are written only under
+``--resume``: start a long benchmark with it (an empty OUT is fine), or an
+interrupted run restarts from its beginning.
 
 Examples::
 
@@ -92,8 +94,14 @@ def analyse(runs: Sequence[Mapping[str, Any]], null_arm: str = NULL_ARM) -> list
                                                   {r["seed"]: r[key] for r in other})
     if null and arm not in ("adamw", null_label):
       base = {r["seed"]: r["mean_loss"] for r in null}
-      d = [math.log(r["mean_loss"] / base[r["seed"]]) for r in group if r["seed"] in base]
-      row["claim_vs_null"] = _stats.claim_test(d, PAPER_EFFECT, relative=True)
+      pairs = [(r["mean_loss"], base[r["seed"]]) for r in group if r["seed"] in base]
+      finite = lambda v: v is not None and math.isfinite(v) and v > 0  # noqa: E731
+      if all(finite(a) and finite(b) for a, b in pairs):
+        row["claim_vs_null"] = _stats.claim_test([math.log(a / b) for a, b in pairs], PAPER_EFFECT,
+                                                 relative=True)
+      else:  # a diverged run: no ratio to bound
+        row["claim_vs_null"] = {"n": len(pairs), "mean": math.nan, "bound": math.nan, "excluded": None,
+                                "method": "n/a (a run's mean loss is not finite)"}
     row["tokens_per_s"] = reporting.mean_std(r["tokens_per_s"] for r in group)[0]
     rows.append(row)
   return rows
@@ -134,7 +142,9 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
               "| arm | ours | lower bound | paper's effect |", "|---|---|---|---|"]
     for r in claim_rows:
       c = r["claim_vs_null"]
-      verdict = {True: "excluded", False: "not excluded", None: "n/a (n<2)"}[c["excluded"]]
+      verdict = {True: "excluded", False: "not excluded", None: "n/a"}[c["excluded"]]
+      if c["excluded"] is None:
+        verdict = c["method"] if c["method"].startswith("n/a") else "n/a (n<2)"
       lines.append(f"| {r['arm']} | {100 * c['mean']:+.2f}% | {100 * c['bound']:+.2f}% (n={c['n']}) | {verdict} |")
   return "\n".join(lines)
 
@@ -204,9 +214,14 @@ def _previous(path: Path, config: dict[str, Any]) -> tuple[list[dict[str, Any]],
   if not path.exists():
     return [], config
   summary = json.loads(path.read_text())
-  saved = summary.get("config", {})
+  saved = summary.get("config")
+  missing = [key for key in _SHARED if key not in (saved or {})]
+  if missing:
+    raise SystemExit(f"lm.py: error: --resume: {path} does not say how its runs were made (no "
+                     f"{', '.join(missing)} in its config); it was not written by bench/lm.py. Use "
+                     "another --out.")
   for key in _SHARED:
-    if key in saved and saved[key] != config[key]:
+    if saved[key] != config[key]:
       raise SystemExit(f"lm.py: error: --resume: {path} holds runs made with {key}={saved[key]!r}; this "
                        f"command asks for {key}={config[key]!r}. Use another --out or the same settings.")
   merged = dict(saved)

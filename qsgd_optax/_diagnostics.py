@@ -89,6 +89,9 @@ def _touched(tree: Any, params: Any, n_qubits: int, scope: str) -> list[jax.Arra
       continue
     t = jnp.asarray(t)
     if scope == "all":
+      sharding = _scope._explicit_sharding(t)  # pylint: disable=protected-access
+      if sharding is not None:  # explicit axes allow neither this reshape nor a mixed concatenate
+        t = jax.sharding.reshard(t, sharding.update(spec=jax.sharding.PartitionSpec()))
       out.append(t.reshape(-1))
       continue
     count = min(n_qubits if scope == "leaf" else remaining, t.size)
@@ -115,6 +118,10 @@ def term_share(
   ``adamw``'s updates on the same state). On the coordinates ``scope``
   selects (``n_qubits`` as in the optimizer), with
   ``r = |term| / |updates|`` over those where ``updates`` is not zero:
+
+  Under explicit sharding with ``scope="all"`` the ratios are gathered onto
+  every device for the median (a diagnostic, not a train-step cost); the
+  other scopes move ``n_qubits`` entries per leaf.
 
   Returns:
     ``{"median": median r, "max": max r, "global": ||term|| / ||updates||}``

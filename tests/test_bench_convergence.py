@@ -181,3 +181,10 @@ def test_gradient_scale_smoke_and_from(tmp_path):
   again = subprocess.run([sys.executable, script, "--from", str(tmp_path)], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=600, check=False)
   assert again.returncode == 0 and again.stdout.strip() == (tmp_path / "table.md").read_text().strip()
+
+
+def test_claim_with_a_non_finite_difference_is_not_decided():
+  r = stats.claim_test([float("nan"), 0.1, 0.2], -0.04, relative=True)
+  assert r["excluded"] is None
+  flat = stats.claim_test([0.0, 0.0, 0.0], -2.8)
+  assert flat["excluded"] is True and "degenerate" in flat["method"]

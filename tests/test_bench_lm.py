@@ -72,6 +72,9 @@ def test_resume_keeps_runs_and_refuses_other_settings(tmp_path):
       ("adamw", 1), ("qsgd:0.5", 1)]
   proc = run("--lr", "0.5")
   assert proc.returncode == 1 and "learning_rate=0.003" in proc.stderr and "Traceback" not in proc.stderr
+  (tmp_path / "summary.json").write_text(json.dumps({"runs": first}))  # no config: not ours
+  proc = run()
+  assert proc.returncode == 1 and "does not say how its runs were made" in proc.stderr
 
 
 def test_smoke_and_from(tmp_path):

@@ -197,6 +197,12 @@ def test_evaluations_within_epochs_and_the_term_share(tiny_data):
                                         dataset=tiny_data)
   assert quiet["test_accuracy"] == run["test_accuracy"] and quiet["train_loss"] == run["train_loss"]
   assert "term_share_median" not in quiet
+  assert run["term_share_epoch"] == run["eval_epoch"]
+  # Evaluating within epochs only reads the state: one evaluation per epoch gives the same training,
+  # and the same accuracy at every epoch's end (the same train program twice).
+  once = experiment.train_and_evaluate(dataclasses.replace(config, evals_per_epoch=1), arm, seed=0,
+                                       dataset=tiny_data)
+  assert once["train_loss"] == run["train_loss"] and once["test_accuracy"] == run["test_accuracy"][2::3]
   assert "term_share_median" not in experiment.train_and_evaluate(config, arms.parse_arm("adamw"), seed=0,
                                                                   dataset=tiny_data)
 
@@ -217,6 +223,7 @@ def test_term_share_is_linear_in_the_weight_down_to_the_float32_floor(tiny_data)
     model = transformer.create_model(config, tiny_data, seed=0)
   for key in ("median", "global"):
     # the term is linear in lambda, |update| barely moves: rounding of u - u0 only
+    assert out[0.05][key] > 1e-5
     assert out[0.1][key] == pytest.approx(2 * out[0.05][key], rel=0.02)
     assert out[1e-6][key] < 1e-6
   assert experiment.term_share_fn(arms.parse_arm("adamw"), 1e-3, 0.0, 4) is None

@@ -1,5 +1,11 @@
 """quantum_term and term_share against NumPy references and against qsgd minus adamw."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +119,15 @@ def test_term_share_skips_zero_updates_and_reports_nan_when_empty():
 def test_bad_arguments_name_the_argument(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_term_share_on_sharded_leaves_matches_one_device():
+  """4 CPU devices in a subprocess: Explicit and Auto axes, every scope, eager and jitted."""
+  script = Path(__file__).parent / "scripts" / "sharded_share.py"
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert len(report) == 12
+  for case, error in report.items():
+    assert error < 1e-6, case  # another program (sharded reductions): a tolerance, measured 0

@@ -6,6 +6,7 @@ fall between optimizer updates, and a QSGD arm so that the optimizer state
 holds more than Adam's moments.
 """
 
+import dataclasses
 import shutil
 
 import jax
@@ -176,3 +177,25 @@ def test_max_nonfinite_validated():
 def test_prompts_longer_than_max_len_are_an_error():
   with pytest.raises(ValueError, match="max_len=16"):
     _run(experiment.FinetuneConfig(model="tiny", examples=2, test_examples=1, max_len=16))
+
+
+def test_term_share_points_survive_an_interruption(tmp_path):
+  """Shares measured before the interruption come back from the checkpoint; the rest are re-measured."""
+  config = dataclasses.replace(CONFIG, grad_accum=1)
+  arm = arms.parse_arm("qsgd:0.5")
+  run = lambda **kw: experiment.run_finetune(config, [arm], [0], progress=False, share_points=4, **kw)[0][0]
+  whole = run()
+  n = whole["micro_steps"]
+  assert whole["term_share_step"] == sorted({min(n - 1, max(1, round((k + 0.5) * n / 4))) for k in range(4)})
+  assert all(0 < v < 1 for v in whole["term_share_global"])
+
+  def stop(done):
+    if done == whole["term_share_step"][1] + 1:
+      raise _Interrupt
+
+  with pytest.raises(_Interrupt):
+    run(checkpoint_dir=tmp_path, checkpoint_every=1, on_step=stop)
+  resumed = run(checkpoint_dir=tmp_path, checkpoint_every=1, resume=True)
+  assert resumed["resumed_at"] == whole["term_share_step"][1] + 1
+  for key in ("term_share_step", "term_share_median", "term_share_max", "term_share_global", "loss_curve"):
+    assert resumed[key] == whole[key], key  # the same programs on the same states

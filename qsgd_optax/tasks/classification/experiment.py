@@ -97,9 +97,10 @@ class ClassificationConfig:
       steps-to-target below an epoch.
     record_term_share: for ``qsgd`` arms, measure the quantum term's share
       of the update at every evaluation (on a fixed probe batch: the first
-      ``batch_size`` training sequences; see :func:`term_share_fn`). Reads
-      the state, never changes it: the run's trajectory is the same either
-      way.
+      ``batch_size`` training sequences; see :func:`term_share_fn`), recorded
+      as ``term_share_median`` / ``_max`` / ``_global`` at epochs
+      ``term_share_epoch``. Reads the state, never changes it: the run's
+      trajectory is the same either way.
     max_nonfinite: when set, the optimizer is wrapped in
       ``optax.apply_if_finite``: a step with a non-finite gradient changes
       nothing and is counted (``nonfinite_steps`` in the record), and the run
@@ -530,6 +531,8 @@ def train_and_evaluate(
           history.setdefault(f"{name}_{key}", []).append(value)
     if share_fn is not None:
       shares = share_fn(graphdef, state, *probe)
+      # its own x values: a run resumed from a checkpoint written without shares has fewer
+      history.setdefault("term_share_epoch", []).append(epoch + position / steps_per_epoch)
       for key in SHARE_KEYS:
         history.setdefault(f"term_share_{key}", []).append(float(shares[key]))
 

@@ -410,6 +410,8 @@ def run_finetune(config: FinetuneConfig, arms: Sequence[Arm],
                      seconds=prior["seconds"],
                      on_step=(after_step if checkpoints is not None or on_step is not None
                               or share_fn is not None else None),
+                     on_step_when=(None if checkpoints is not None or on_step is not None
+                                   else share_at.__contains__),
                      max_nonfinite=config.max_nonfinite)
     finally:
       if checkpoints is not None:

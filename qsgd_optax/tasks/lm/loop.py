@@ -83,6 +83,7 @@ def train(params: Any, opt_state: Any, batches: Sequence[Batch], *,
           losses: Sequence[float] = (), tokens: Sequence[int] = (),
           seconds: float = 0.0,
           on_step: Callable[[int, Any, Any, list[float], list[int], float], None] | None = None,
+          on_step_when: Callable[[int], bool] | None = None,
           max_nonfinite: int | None = None) -> TrainResult:
   """Runs ``batches[start:]``; shows loss (smoothed) and tokens/s.
 
@@ -95,7 +96,11 @@ def train(params: Any, opt_state: Any, batches: Sequence[Batch], *,
       and ``seconds`` are what those micro-batches recorded.
     on_step: called after every micro-batch as ``on_step(done, params,
       opt_state, losses, tokens, seconds)`` (checkpointing, interruption);
-      its own time is not counted.
+      its own time is not counted (compilations inside it are counted
+      once, as compile time).
+    on_step_when: when given, ``on_step`` runs only after the micro-batches
+      ``done`` for which it returns true (the loop waits for the device only
+      then, so a run with a rare hook is timed like one without).
     max_nonfinite: ``opt_state`` is an ``optax.apply_if_finite`` state;
       :class:`~qsgd_optax.tasks.running.NonFiniteError` is raised once this
       many micro-batches in a row had a non-finite gradient.
@@ -145,12 +150,15 @@ def train(params: Any, opt_state: Any, batches: Sequence[Batch], *,
               "they were before them. Lower the learning rate or quantum_weight, or use "
               "modulate='update' (in a new checkpoint directory: a resumed run keeps its "
               "configuration).")
-      if on_step is not None:
+      if on_step is not None and (on_step_when is None or on_step_when(done)):
         jax.block_until_ready(params)
         hook_start = time.perf_counter()
+        compiled_before = sum(f.compile_seconds for f in compiles)
         total = elapsed()
         on_step(done, params, opt_state, losses, tokens, total)
-        outside += time.perf_counter() - hook_start
+        # elapsed() already takes compile time out; do not take it out twice
+        outside += (time.perf_counter() - hook_start
+                    - (sum(f.compile_seconds for f in compiles) - compiled_before))
   jax.block_until_ready(params)
   compile_seconds = sum(f.compile_seconds for f in compiles) - compile_before
   return TrainResult(params, losses, tokens, elapsed(), compile_seconds, opt_state)
