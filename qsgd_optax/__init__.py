@@ -3,8 +3,8 @@
 The superposition step is a PennyLane QNode run through PennyLane's JAX
 interface, so it is traced into the same XLA program as the train step.
 The optimizers are :func:`qsgd`, :func:`scale_by_qsgd` and :func:`superpose`;
-the circuit helpers live in :mod:`qsgd_optax.circuits`; :func:`quantum_term`
-and :func:`term_share` measure the term in your own train step.
+the circuit helpers live in :mod:`qsgd_optax.circuits`; :mod:`qsgd_optax.diagnostics`
+(``quantum_term``, ``term_share``) measures the term in your own train step.
 """
 
 import warnings as _warnings
@@ -12,8 +12,7 @@ from importlib import metadata as _metadata
 
 from qsgd_optax import circuits as circuits
 from qsgd_optax._alias import qsgd as qsgd
-from qsgd_optax._diagnostics import quantum_term as quantum_term
-from qsgd_optax._diagnostics import term_share as term_share
+from qsgd_optax import diagnostics as diagnostics
 from qsgd_optax._transform import scale_by_qsgd as scale_by_qsgd
 from qsgd_optax._transform import superpose as superpose
 
@@ -25,10 +24,8 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 __all__ = (
     "circuits",
     "qsgd",
-    "quantum_term",
     "scale_by_qsgd",
     "superpose",
-    "term_share",
 )
 
 # Names that lived at the top level before 0.2.0, now in qsgd_optax.circuits.

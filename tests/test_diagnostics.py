@@ -16,6 +16,11 @@ import qsgd_optax
 
 from helpers import mixed_tree, np_full_modulation
 
+def test_diagnostics_is_a_public_submodule_outside_the_top_level_contract():
+  assert qsgd_optax.diagnostics.quantum_term is not None and "diagnostics" not in qsgd_optax.__all__
+  assert not hasattr(qsgd_optax, "quantum_term") and not hasattr(qsgd_optax, "term_share")
+
+
 CASES = [("paper", "leaf"), ("entangled", "model"), ("sine", "all"), ("paper", "all"),
          ("sine", "leaf")]
 
@@ -24,7 +29,7 @@ CASES = [("paper", "leaf"), ("entangled", "model"), ("sine", "all"), ("paper", "
 def test_quantum_term_matches_numpy(circuit, scope, rng):
   params = mixed_tree(rng)
   x = mixed_tree(rng)
-  got = qsgd_optax.quantum_term(x, params, 0.7, 4, circuit=circuit, scope=scope)
+  got = qsgd_optax.diagnostics.quantum_term(x, params, 0.7, 4, circuit=circuit, scope=scope)
   leaves, treedef = jax.tree.flatten(params)
   m = np_full_modulation(leaves, 4, circuit, scope)
   want = [0.7 * mi * np.asarray(xi, np.float64) for mi, xi in zip(m, treedef.flatten_up_to(x))]
@@ -38,13 +43,13 @@ def test_quantum_term_leaves_that_take_no_part_are_zero():
             "e": jnp.zeros((0,))}
   x = {"w": jnp.ones(6), "i": jnp.ones(3, jnp.int32), "c": jnp.ones(2, jnp.complex64),
        "e": jnp.zeros((0,))}
-  got = qsgd_optax.quantum_term(x, params, 0.5, 4, circuit="sine")
+  got = qsgd_optax.diagnostics.quantum_term(x, params, 0.5, 4, circuit="sine")
   np.testing.assert_array_equal(got["i"], 0)
   np.testing.assert_array_equal(got["c"], 0)
   assert got["c"].dtype == jnp.complex64 and got["e"].shape == (0,)
   np.testing.assert_allclose(got["w"][:4], 0.5 * np.sin(np.pi * np.linspace(-1, 1, 6)[:4]), atol=1e-6)
   np.testing.assert_array_equal(got["w"][4:], 0)
-  zero = qsgd_optax.quantum_term(x, params, 0.0, 4)
+  zero = qsgd_optax.diagnostics.quantum_term(x, params, 0.0, 4)
   np.testing.assert_array_equal(zero["w"], 0)
 
 
@@ -68,7 +73,7 @@ def test_quantum_term_is_qsgd_minus_adamw(modulate, scope, rng):
     if x is None:
       nu_hat = optax.tree.bias_correction(adam_state.nu, 0.999, adam_state.count)
       x = jax.tree.map(lambda g, v: g / (jnp.sqrt(v) + 1e-8), grads, nu_hat)
-    term = qsgd_optax.quantum_term(x, params, **kw)
+    term = qsgd_optax.diagnostics.quantum_term(x, params, **kw)
     for a, b, t in zip(jax.tree.leaves(u_q), jax.tree.leaves(u_a), jax.tree.leaves(term)):
       # u_q - u_a loses ~1 float32 ulp of |u| to cancellation: tolerance 4 ulp of the largest.
       atol = 4 * np.finfo(np.float32).eps * float(np.max(np.abs(a), initial=1.0))
@@ -91,11 +96,11 @@ def _np_share(term, updates, masks):
 def test_term_share_matches_numpy(scope, rng):
   params = mixed_tree(rng)
   updates = mixed_tree(rng)
-  term = qsgd_optax.quantum_term(mixed_tree(rng), params, 0.01, 4, circuit="sine", scope=scope)
+  term = qsgd_optax.diagnostics.quantum_term(mixed_tree(rng), params, 0.01, 4, circuit="sine", scope=scope)
   masks = jax.tree.leaves(qsgd_optax.circuits.selected_mask(params, 4, scope))
   want = _np_share(jax.tree.leaves(term), jax.tree.leaves(updates), masks)
-  got = qsgd_optax.term_share(term, updates, params, 4, scope=scope)
-  jitted = jax.jit(lambda t, u, p: qsgd_optax.term_share(t, u, p, 4, scope=scope))(term, updates, params)
+  got = qsgd_optax.diagnostics.term_share(term, updates, params, 4, scope=scope)
+  jitted = jax.jit(lambda t, u, p: qsgd_optax.diagnostics.term_share(t, u, p, 4, scope=scope))(term, updates, params)
   for key in ("median", "max", "global"):
     np.testing.assert_allclose(float(got[key]), want[key], rtol=1e-5)
     np.testing.assert_allclose(float(jitted[key]), want[key], rtol=1e-5)
@@ -103,18 +108,18 @@ def test_term_share_matches_numpy(scope, rng):
 
 def test_term_share_skips_zero_updates_and_reports_nan_when_empty():
   params = jnp.zeros(4)
-  share = qsgd_optax.term_share(jnp.array([0.1, 0.2, 0.0, 0.0]), jnp.array([1.0, 0.0, 0.0, 0.0]),
+  share = qsgd_optax.diagnostics.term_share(jnp.array([0.1, 0.2, 0.0, 0.0]), jnp.array([1.0, 0.0, 0.0, 0.0]),
                                 params, 4)
   assert float(share["median"]) == pytest.approx(0.1) and float(share["max"]) == pytest.approx(0.1)
-  empty = qsgd_optax.term_share({"i": jnp.arange(3)}, {"i": jnp.arange(3)}, {"i": jnp.arange(3)})
+  empty = qsgd_optax.diagnostics.term_share({"i": jnp.arange(3)}, {"i": jnp.arange(3)}, {"i": jnp.arange(3)})
   assert all(np.isnan(float(v)) for v in empty.values())
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: qsgd_optax.term_share(jnp.ones(3), jnp.ones(3), jnp.ones(3), scope="row"), "scope"),
-    (lambda: qsgd_optax.term_share(jnp.ones(3), jnp.ones(3), jnp.ones(3), 0), "n_qubits"),
-    (lambda: qsgd_optax.quantum_term(jnp.ones(3), jnp.ones(3), float("nan")), "quantum_weight"),
-    (lambda: qsgd_optax.quantum_term(jnp.ones(3), jnp.ones(3), circuit="cosine"), "circuit"),
+    (lambda: qsgd_optax.diagnostics.term_share(jnp.ones(3), jnp.ones(3), jnp.ones(3), scope="row"), "scope"),
+    (lambda: qsgd_optax.diagnostics.term_share(jnp.ones(3), jnp.ones(3), jnp.ones(3), 0), "n_qubits"),
+    (lambda: qsgd_optax.diagnostics.quantum_term(jnp.ones(3), jnp.ones(3), float("nan")), "quantum_weight"),
+    (lambda: qsgd_optax.diagnostics.quantum_term(jnp.ones(3), jnp.ones(3), circuit="cosine"), "circuit"),
 ])
 def test_bad_arguments_name_the_argument(call, match):
   with pytest.raises(ValueError, match=match):

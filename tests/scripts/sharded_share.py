@@ -19,7 +19,7 @@ specs = {"a": P("x", None), "b": P(None, "y"), "c": P()}
 
 
 def share(p, u, scope):
-  return qsgd_optax.term_share(qsgd_optax.quantum_term(p, p, 0.3, 4, circuit="sine", scope=scope), u, p, 4,
+  return qsgd_optax.diagnostics.term_share(qsgd_optax.diagnostics.quantum_term(p, p, 0.3, 4, circuit="sine", scope=scope), u, p, 4,
                                scope=scope)
 
 

@@ -336,7 +336,7 @@ def term_share_fn(arm: Arm, learning_rate: float, weight_decay: float, n_qubits:
   its next step would apply) and the quantum term's part of it, ``u``
   minus the update of the same optimizer with ``quantum_weight=0`` (exactly
   AdamW's chain) from the same state; then
-  :func:`qsgd_optax.term_share` on the arm's scope. The state passed in is
+  :func:`qsgd_optax.diagnostics.term_share` on the arm's scope. The state passed in is
   not changed (the function returns only the three ratios). The
   difference of two float32 updates resolves shares down to about 1e-7
   (one rounding of ``u``); smaller terms read as that floor. ``None`` for
@@ -370,7 +370,7 @@ def term_share_fn(arm: Arm, learning_rate: float, weight_decay: float, n_qubits:
     optimizer.tx = optax.GradientTransformationExtraArgs(tx.init, record)
     optimizer.update(model, grads)
     term = jax.tree.map(jnp.subtract, seen["updates"], seen["twin"])
-    return qsgd_optax.term_share(term, seen["updates"], seen["params"], n_qubits, scope=arm.scope)
+    return qsgd_optax.diagnostics.term_share(term, seen["updates"], seen["params"], n_qubits, scope=arm.scope)
 
   return share
 

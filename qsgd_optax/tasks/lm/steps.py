@@ -127,7 +127,7 @@ def make_share_fn(tx: optax.GradientTransformation, twin: optax.GradientTransfor
   ``tx`` is a run's optimizer and ``twin`` the same one with
   ``quantum_weight=0`` (AdamW's chain); both updates are taken from the
   same state, their difference is the term's part of ``tx``'s update, and
-  :func:`qsgd_optax.term_share` compares it with that update. Nothing is
+  :func:`qsgd_optax.diagnostics.term_share` compares it with that update. Nothing is
   donated or changed. The float32 difference resolves shares down to about
   1e-7.
   """
@@ -137,7 +137,7 @@ def make_share_fn(tx: optax.GradientTransformation, twin: optax.GradientTransfor
     updates, _ = tx.update(grads, opt_state, params)
     base, _ = twin.update(grads, opt_state, params)
     term = jax.tree.map(jnp.subtract, updates, base)
-    return qsgd_optax.term_share(term, updates, params, n_qubits, scope=scope)
+    return qsgd_optax.diagnostics.term_share(term, updates, params, n_qubits, scope=scope)
 
   return jax.jit(share)
 

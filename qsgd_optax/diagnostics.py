@@ -70,7 +70,7 @@ def quantum_term(
     >>> import qsgd_optax
     >>> params = jnp.array([0.5, 0.25, -0.5, 1.0, 2.0])
     >>> grads = jnp.ones(5)
-    >>> qsgd_optax.quantum_term(grads, params, 0.5, circuit="sine").round(3)
+    >>> qsgd_optax.diagnostics.quantum_term(grads, params, 0.5, circuit="sine").round(3)
     Array([ 0.5  ,  0.354, -0.5  ,  0.   ,  0.   ], dtype=float32)
   """
   modulator = _transform._resolve(  # pylint: disable=protected-access
@@ -132,7 +132,7 @@ def term_share(
   Examples:
     >>> import jax.numpy as jnp
     >>> import qsgd_optax
-    >>> share = qsgd_optax.term_share(jnp.array([0.1, 0.0, 0.0]), jnp.array([1.0, 2.0, 4.0]),
+    >>> share = qsgd_optax.diagnostics.term_share(jnp.array([0.1, 0.0, 0.0]), jnp.array([1.0, 2.0, 4.0]),
     ...                               jnp.zeros(3), n_qubits=2)
     >>> {k: round(float(v), 4) for k, v in share.items()}
     {'median': 0.05, 'max': 0.1, 'global': 0.0218}
