@@ -151,3 +151,22 @@ def paired(treatment: dict[int, float | None], control: dict[int, float | None])
   lo, hi = t_interval(d)
   return {"n": len(d), "censored": 0, "mean_diff": float(np.mean(d)) if d else math.nan,
           "ci_low": lo, "ci_high": hi, "p_value": sign_flip_pvalue(d)}
+
+
+def share_summary(runs: Sequence[dict]) -> dict[str, float] | None:
+  """The quantum term's recorded share over runs: median of the medians, max, median global ratio.
+
+  Reads ``term_share_median`` / ``_max`` / ``_global`` lists (``None`` entries, a
+  NaN written to JSON, are skipped); ``None`` when no run recorded any.
+
+  >>> share_summary([{"term_share_median": [1e-4, None], "term_share_max": [2.0], "term_share_global": [3e-5]}])
+  {'median': 0.0001, 'max': 2.0, 'global_median': 3e-05}
+  """
+  def values(key: str) -> list[float]:
+    return [v for r in runs for v in r.get(key) or [] if v is not None]
+
+  if not values("term_share_median"):
+    return None
+  return {"median": float(np.nanmedian(values("term_share_median"))),
+          "max": float(np.nanmax(values("term_share_max"))),
+          "global_median": float(np.nanmedian(values("term_share_global")))}

@@ -101,17 +101,6 @@ def _metric(run: Mapping[str, Any], name: str) -> float | None:
   return run[name]
 
 
-def _share(arm_runs: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
-  """The term's share over a setting's runs of one arm (None without records)."""
-  medians = [v for r in arm_runs for v in r.get("term_share_median") or [] if v is not None]
-  if not medians:
-    return None
-  maxima = [v for r in arm_runs for v in r.get("term_share_max") or [] if v is not None]
-  glob = [v for r in arm_runs for v in r.get("term_share_global") or [] if v is not None]
-  return {"median": float(np.nanmedian(medians)), "max": float(np.nanmax(maxima)),
-          "global_median": float(np.nanmedian(glob))}
-
-
 def claims(treatment: Sequence[Mapping[str, Any]], control: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Each paper claim tested on paired seeds: ``treatment`` minus ``control``.
 
@@ -164,10 +153,10 @@ def analyse(runs: Sequence[Mapping[str, Any]], target: float,
              "reached": len(reached), "never": len(arm_runs) - len(reached),
              "time_to_target_s_mean": seconds[0], "time_to_target_s_std": seconds[1],
              "step_ms_mean": reporting.mean_std(1e3 * r["mean_step_time_s"] for r in arm_runs)[0],
-             "term_share": _share(arm_runs)}
+             "term_share": _stats.share_summary(arm_runs)}
       for other, name in ((control, "adamw"), (null, "null")):
-        if arm in ("adamw", null_label if name == "null" else "adamw") or not other:
-          continue
+        if not other or arm == "adamw" or (arm == null_label and name == "null"):
+          continue  # AdamW against nothing, the null arm against AdamW only
         row[f"accuracy_vs_{name}"] = _stats.paired({r["seed"]: _final(r) for r in arm_runs},
                                                    {r["seed"]: _final(r) for r in other})
         row[f"epochs_to_target_vs_{name}"] = _stats.paired(

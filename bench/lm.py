@@ -48,8 +48,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import _stats  # noqa: E402  pylint: disable=wrong-import-position
 from qsgd_optax.tasks import arms, cli, reporting  # noqa: E402
 from qsgd_optax.tasks._checkpoints import run_directory  # noqa: E402
@@ -66,15 +64,6 @@ DEFAULT_OUT = Path("bench") / "results" / "lm"
 METRICS = (("mean_loss", "mean train loss"), ("eval_loss_after", "held-out loss after"))
 
 
-def _share(group: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
-  values = lambda key: [v for r in group for v in r.get(key) or [] if v is not None]  # noqa: E731
-  if not values("term_share_median"):
-    return None
-  return {"median": float(np.nanmedian(values("term_share_median"))),
-          "max": float(np.nanmax(values("term_share_max"))),
-          "global_median": float(np.nanmedian(values("term_share_global")))}
-
-
 def analyse(runs: Sequence[Mapping[str, Any]], null_arm: str = NULL_ARM) -> list[dict[str, Any]]:
   """One row per arm: mean +- std of each metric, paired differences to AdamW and the null arm, the claim."""
   null_label = arms.parse_arm(null_arm).label
@@ -84,12 +73,12 @@ def analyse(runs: Sequence[Mapping[str, Any]], null_arm: str = NULL_ARM) -> list
   for arm, group in by_arm.items():
     row: dict[str, Any] = {"arm": arm, "n": len(group), "paper_mean_loss": PAPER.get(arm),
                            "is_null": arm == null_label, "null_arm": null_label,
-                           "term_share": _share(group)}
+                           "term_share": _stats.share_summary(group)}
     for key, _ in METRICS:
       mean, std, _n = reporting.mean_std(r[key] for r in group)
       row[f"{key}_mean"], row[f"{key}_std"] = mean, std
       for other, name in ((control, "adamw"), (null, "null")):
-        if other and arm not in ("adamw", null_label if name == "null" else "adamw"):
+        if other and not (arm == "adamw" or (arm == null_label and name == "null")):
           row[f"{key}_vs_{name}"] = _stats.paired({r["seed"]: r[key] for r in group},
                                                   {r["seed"]: r[key] for r in other})
     if null and arm not in ("adamw", null_label):

@@ -73,6 +73,8 @@ def test_dropout_is_active_in_train_mode_only():
         pytest.param({"target_accuracy": 1.5}, "target_accuracy", id="target"),
         pytest.param({"embed_dim": 66}, "divisible", id="heads"),
         pytest.param({"loss_scale": 0.0}, "loss_scale", id="loss_scale"),
+        pytest.param({"evals_per_epoch": 0}, "evals_per_epoch", id="evals_per_epoch"),
+        pytest.param({"markers": 1}, "markers", id="markers"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
