@@ -13,6 +13,7 @@ import statistics
 import time
 from functools import partial
 
+from _hlo import distinct_fusions
 from _trees import SEED, make_trees, transformer_shapes
 
 LEARNING_RATE = 1e-3
@@ -58,8 +59,9 @@ class OptimizerArm:
     jax.block_until_ready((self.params, self.state, self.grads))
     self.step = make_step(tx)
     t0 = time.perf_counter()
-    self.step.lower(self.params, self.state, self.grads).compile()
+    compiled = self.step.lower(self.params, self.state, self.grads).compile()
     self.compile_s = time.perf_counter() - t0
+    self.kernels = distinct_fusions(compiled.as_text())[1]
     self.times_ms: list[float] = []
 
   def call(self) -> float:
@@ -127,6 +129,8 @@ def interleave(adamw, qsgd, args, name, n_params, n_leaves, combo, device):
       "pairs": len(ratios),
       "compile_s_adamw": adamw.compile_s,
       "compile_s_qsgd": qsgd.compile_s,
+      "kernels_adamw": adamw.kernels,
+      "kernels_qsgd": qsgd.kernels,
       "device": device,
       "target": None,
       "meets_target": None,
@@ -175,6 +179,7 @@ class TrainStepArm:
       t0 = time.perf_counter()
       step = experiment.train_step.lower(graphdef, self.state, *self.batch).compile()
       self.compile_s = time.perf_counter() - t0
+      self.kernels = distinct_fusions(step.as_text())[1]
 
       def call():
         self.state = step(self.state, *self.batch)
@@ -199,6 +204,7 @@ class TrainStepArm:
       grads = jax.eval_shape(grad_fn, self.params, self.batch)[1]
       update_c = update_fn.lower(self.params, self.opt, grads).compile()
       self.compile_s = time.perf_counter() - t0
+      self.kernels = sum(distinct_fusions(c.as_text())[1] for c in (grad_c, update_c))
 
       def call():
         _, g = grad_c(self.params, self.batch)

@@ -296,7 +296,7 @@ def run_train_case(task: str, combo, args, device: str):
 
 def format_table(cases: list[dict], runs: list[dict]) -> str:
   head = ("case", "params", "leaves", "adamw ms", "qsgd ms", "ratio",
-          "compile adamw s", "compile qsgd s", "adamw min/max ms",
+          "compile adamw s", "compile qsgd s", "kernels adamw/qsgd", "adamw min/max ms",
           "qsgd min/max ms", "pairs", "target", "met?")
   rows = []
   for c, r in zip(cases, runs):
@@ -305,6 +305,7 @@ def format_table(cases: list[dict], runs: list[dict]) -> str:
         c["name"], f"{c['params']:,}", str(c["leaves"]),
         f"{c['adamw_ms']:.2f}", f"{c['qsgd_ms']:.2f}", f"{c['ratio']:.2f}",
         f"{c['compile_s_adamw']:.2f}", f"{c['compile_s_qsgd']:.2f}",
+        f"{c.get('kernels_adamw', '-')} / {c.get('kernels_qsgd', '-')}",
         f"{c['adamw_min_ms']:.2f} / {c['adamw_max_ms']:.2f}",
         f"{c['qsgd_min_ms']:.2f} / {c['qsgd_max_ms']:.2f}",
         str(c["pairs"]), c["target"] or "", met))

@@ -25,7 +25,10 @@ by an ``iota`` mask and a small zero-padded coefficient block that broadcast
 against the leaf inside the same elementwise expression as the update, so
 XLA fuses it into the optimizer's single pass over memory (slicing,
 ``.at[].add``, ``pad`` or ``concatenate`` on the large arrays would cost
-extra passes). For ``"all"`` registers are evaluated in bounded chunks
+extra passes). Each leaf picks its row of the batched result by a gather at
+a constant index vector (:func:`rows`), so the fused loops of leaves of one
+shape stay one computation and XLA compiles one kernel for all of them.
+For ``"all"`` registers are evaluated in bounded chunks
 (:data:`qsgd_optax.circuits.MAX_CHUNK_AMPLITUDES`), per shard where the
 leaf is explicitly sharded.
 """
@@ -152,6 +155,30 @@ def placed_select(
   for axis in range(d):
     mask = mask & (jax.lax.broadcasted_iota(jnp.int32, shape, axis) == 0)
   return mask, coef
+
+
+def rows(m: jax.Array, counts: Sequence[int]) -> list[jax.Array]:
+  """Row ``j`` of ``m``, its first ``counts[j]`` entries, for every ``j``.
+
+  Each row is a gather of ``m`` at a constant index vector, not a slice. A
+  static slice ``m[j]`` fused into leaf ``j``'s loop makes every leaf's
+  fused computation different (its offset ``j`` is part of the kernel), so
+  XLA:CPU compiles one kernel per leaf; an index vector of more than one
+  entry stays a constant buffer, an operand of the fusion, and leaves of
+  one shape then share one compiled kernel (bench/RESULTS.md, "Compile time
+  at many parameter arrays"). The values are the same as ``m[j, :c]``.
+  """
+  n = m.shape[1]
+  flat = m.reshape(-1)
+  out = []
+  for j, c in enumerate(counts):
+    # A one-entry index would be simplified back into a slice: pick two.
+    index = np.arange(j * n, j * n + max(c, 2), dtype=np.int32)
+    if c == 1:
+      index[1] = 0
+    picked = flat.at[jnp.asarray(index)].get(mode="promise_in_bounds")
+    out.append(picked[:c])
+  return out
 
 
 def _combine(u, x, mask, coef, weight, multiplicative=False):
@@ -328,7 +355,7 @@ def _term(ps, us, xs, weight, *, modulator, scope, multiplicative):
         for p, c in zip(ps, counts)
     ])
     m = modulator(regs)
-    parts = [m[j, :c] for j, c in enumerate(counts)]
+    parts = rows(m, counts)
   else:  # "model"
     counts, remaining = [], n
     for p in ps:

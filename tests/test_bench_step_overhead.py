@@ -24,7 +24,7 @@ CASE_FIELDS = {
     "name", "params", "leaves", "circuit", "scope", "modulate", "adamw_ms",
     "qsgd_ms", "ratio", "compile_s_adamw", "compile_s_qsgd", "device",
     "adamw_min_ms", "adamw_max_ms", "qsgd_min_ms", "qsgd_max_ms", "pairs",
-    "target", "meets_target",
+    "target", "meets_target", "kernels_adamw", "kernels_qsgd",
 }
 
 
@@ -84,6 +84,8 @@ def test_smoke_summary_is_consistent(smoke):
     assert case["ratio"] == pytest.approx(statistics.median(ratios))
     assert 0 < case["ratio"] and math.isfinite(case["ratio"])
     assert case["compile_s_adamw"] > 0 and case["compile_s_qsgd"] > 0
+    # Distinct fused computations: the circuit adds kernels, never none.
+    assert 0 < case["kernels_adamw"] < case["kernels_qsgd"]
     assert "cpu" in case["device"]
     assert (case["target"] is None) == (case["meets_target"] is None)
     met = run["targets_met"]
