@@ -84,8 +84,11 @@ def test_smoke_summary_is_consistent(smoke):
     assert case["ratio"] == pytest.approx(statistics.median(ratios))
     assert 0 < case["ratio"] and math.isfinite(case["ratio"])
     assert case["compile_s_adamw"] > 0 and case["compile_s_qsgd"] > 0
-    # Distinct fused computations: the circuit adds kernels, never none.
-    assert 0 < case["kernels_adamw"] < case["kernels_qsgd"]
+    # Distinct fused computations: the QNode adds its own kernels; the sine
+    # closed form may fuse entirely into Adam's loops.
+    assert 0 < case["kernels_adamw"] <= case["kernels_qsgd"]
+    if case["circuit"] == "paper":
+      assert case["kernels_qsgd"] > case["kernels_adamw"]
     assert "cpu" in case["device"]
     assert (case["target"] is None) == (case["meets_target"] is None)
     met = run["targets_met"]
