@@ -22,7 +22,9 @@ Method, per case:
   stops early once its timed time passes ``--budget-s`` (at least
   ``--min-pairs`` pairs); the pair count actually run is recorded;
 * reported: medians per arm, ``ratio`` = median over pairs of qsgd / adamw,
-  min and max per arm, the pair count and the two compile times.
+  min and max per arm, the pair count, the two compile times and the two
+  kernel counts (distinct fused computations of each compiled step,
+  ``bench/_hlo.py``).
 
 Examples::
 

@@ -173,10 +173,8 @@ def rows(m: jax.Array, counts: Sequence[int]) -> list[jax.Array]:
   out = []
   for j, c in enumerate(counts):
     # A one-entry index would be simplified back into a slice: pick two.
-    index = np.arange(j * n, j * n + max(c, 2), dtype=np.int32)
-    if c == 1:
-      index[1] = 0
-    picked = flat.at[jnp.asarray(index)].get(mode="promise_in_bounds")
+    index = np.arange(j * n, j * n + c) if c > 1 else np.array([j * n, 0])
+    picked = flat.at[jnp.asarray(index, jnp.int32)].get(mode="promise_in_bounds")
     out.append(picked[:c])
   return out
 
