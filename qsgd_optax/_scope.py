@@ -25,9 +25,12 @@ by an ``iota`` mask and a small zero-padded coefficient block that broadcast
 against the leaf inside the same elementwise expression as the update, so
 XLA fuses it into the optimizer's single pass over memory (slicing,
 ``.at[].add``, ``pad`` or ``concatenate`` on the large arrays would cost
-extra passes). Each leaf picks its row of the batched result by a gather at
-a constant index vector (:func:`rows`), so the fused loops of leaves of one
-shape stay one computation and XLA compiles one kernel for all of them.
+extra passes). The heads are read into the batch a few arrays per kernel
+(:func:`stack_heads`); the quantum weight multiplies the batched result once;
+each leaf picks its row by a gather at a constant index vector (:func:`row`),
+so the fused loops of leaves of one shape stay one computation and XLA
+compiles one kernel for all of them; leaves of one shape share one mask
+(:func:`head_mask`).
 For ``"all"`` registers are evaluated in bounded chunks
 (:data:`qsgd_optax.circuits.MAX_CHUNK_AMPLITUDES`), per shard where the
 leaf is explicitly sharded.
@@ -122,39 +125,72 @@ def head(x: jax.Array, k: int) -> jax.Array:
   return block.reshape(-1)[:k]
 
 
-def placed_select(
-    shape: Sequence[int], r: jax.Array
-) -> tuple[jax.Array | bool, jax.Array]:
-  """``mask`` and ``coef`` putting ``r`` on the first ``len(r)`` entries.
+def head_mask(shape: Sequence[int], k: int) -> jax.Array | bool:
+  """True on the first ``k`` row-major entries of an array of ``shape``.
 
-  ``coef`` is ``r`` zero-padded to a small block shaped like the trailing
-  dims ``shape[d:]`` that hold the first ``k`` entries; ``mask`` is true on
-  those ``k`` entries (iotas compared with 0 on the leading dims and with
-  ``k`` on the block). Both broadcast against the leaf, so the masked term
-  of :func:`_combine` fuses into the loop over the update without anything
-  of the leaf's size being materialised and without re-running the circuit
-  per entry.
-
-  Args:
-    shape: shape of the leaf.
-    r: ``float[k]`` values for the first ``k`` row-major entries.
-
-  Returns:
-    ``(mask, coef)`` broadcastable to ``shape``.
+  Iotas compared with 0 on the leading dims and with ``k`` on the trailing
+  block ``shape[d:]`` that holds the first ``k`` entries (:func:`_split_dim`);
+  the result broadcasts against the leaf without anything of the leaf's size
+  being materialised. It depends on ``(shape, k)`` alone, so leaves of one
+  shape share one mask. ``True`` for a scalar leaf.
   """
   shape = tuple(shape)
-  k = r.shape[0]
   if not shape:
-    return True, r[0]
+    return True
   d = _split_dim(shape, k)
   suffix = shape[d:]
-  block = jnp.pad(r, (0, math.prod(suffix) - k))  # keeps r's sharding
-  coef = block.reshape((1,) * d + suffix)
   in_head = jax.lax.broadcasted_iota(jnp.int32, (math.prod(suffix),), 0) < k
   mask = in_head.reshape((1,) * d + suffix)
   for axis in range(d):
     mask = mask & (jax.lax.broadcasted_iota(jnp.int32, shape, axis) == 0)
-  return mask, coef
+  return mask
+
+
+def head_block(shape: Sequence[int], r: jax.Array) -> jax.Array:
+  """``r`` zero-padded to the trailing block of ``shape`` holding ``len(r)`` entries.
+
+  Shaped ``(1,) * d + shape[d:]``, it broadcasts against the leaf; together
+  with :func:`head_mask` it puts ``r`` on the first ``len(r)`` row-major
+  entries inside the same elementwise expression as the update (so XLA fuses
+  it into the optimizer's single pass over memory, without re-running the
+  circuit per entry).
+  """
+  shape = tuple(shape)
+  k = r.shape[0]
+  if not shape:
+    return r[0]
+  d = _split_dim(shape, k)
+  suffix = shape[d:]
+  size = math.prod(suffix)
+  block = r if size == k else jnp.pad(r, (0, size - k))  # keeps r's sharding
+  return block.reshape((1,) * d + suffix)
+
+
+# XLA:CPU fuses a concatenation of up to this many slices of different
+# arrays into one kernel; beyond it every slice becomes a kernel of its own.
+HEADS_PER_KERNEL = 8
+
+
+def stack_heads(heads: Sequence[jax.Array]) -> jax.Array:
+  """``jnp.stack(heads)`` (``L`` heads of ``n`` entries), in few kernels.
+
+  Stacking the heads of ``L`` arrays at once gives every array's head slice
+  a kernel of its own on XLA:CPU (one dispatch per array per step), and
+  nested concatenations along one axis are flattened back by its
+  simplifier. So the heads are concatenated :data:`HEADS_PER_KERNEL` at a
+  time along their own axis and the groups stacked along a new one: one
+  kernel per group (bench/RESULTS.md, "Compile time at many parameter
+  arrays"). Same values as ``jnp.stack(heads)``.
+  """
+  heads = list(heads)
+  g = HEADS_PER_KERNEL
+  if len(heads) <= g:
+    return jnp.stack(heads)
+  n = heads[0].shape[0]
+  groups = [jnp.concatenate(heads[i:i + g]) for i in range(0, len(heads), g)]
+  if groups[-1].shape[0] < g * n:
+    groups[-1] = jnp.pad(groups[-1], (0, g * n - groups[-1].shape[0]))
+  return jnp.stack(groups).reshape(-1, n)[:len(heads)]
 
 
 def rows(m: jax.Array, counts: Sequence[int]) -> list[jax.Array]:
@@ -170,23 +206,34 @@ def rows(m: jax.Array, counts: Sequence[int]) -> list[jax.Array]:
   """
   n = m.shape[1]
   flat = m.reshape(-1)
-  out = []
-  for j, c in enumerate(counts):
-    # A one-entry index would be simplified back into a slice: pick two.
-    index = np.arange(j * n, j * n + c) if c > 1 else np.array([j * n, 0])
-    picked = flat.at[jnp.asarray(index, jnp.int32)].get(mode="promise_in_bounds")
-    out.append(picked[:c])
-  return out
+  return [row(flat, j * n, c) for j, c in enumerate(counts)]
 
 
-def _combine(u, x, mask, coef, weight, multiplicative=False):
-  """``u + where(mask, weight * coef * x, 0)``, in ``u``'s dtype.
+def row(flat: jax.Array, start: int, count: int) -> jax.Array:
+  """``flat[start:start + count]`` as a gather at a constant index vector.
 
-  Written as an addition of a masked term (not ``where(mask, u + t, u)``):
-  XLA then keeps Adam's direction fused into the same loop (the select form
-  materialises it; bench/RESULTS.md). With ``multiplicative`` (``x`` is ``u``
-  itself, modulate="update") it is ``u * (1 + where(mask, weight * coef,
-  0))``, so that ``u`` is used once.
+  Unsigned indices: nothing is emitted to wrap negative ones. A one-entry
+  index would be simplified back into a slice, so one entry is picked as
+  the first of two.
+  """
+  if count > 1:
+    index = np.arange(start, start + count, dtype=np.uint32)
+  else:
+    index = np.array([start, 0], np.uint32)
+  picked = flat.at[jnp.asarray(index)].get(mode="promise_in_bounds")
+  return picked if count > 1 else picked[:1]
+
+
+def _combine(u, x, mask, scale, multiplicative=False):
+  """``u + where(mask, scale * x, 0)``, in ``u``'s dtype.
+
+  ``scale`` is the quantum weight times the modulation, already in
+  ``promote_types(u.dtype, float32)`` (computed once for all leaves, not
+  per leaf). Written as an addition of a masked term (not ``where(mask,
+  u + t, u)``): XLA then keeps Adam's direction fused into the same loop
+  (the select form materialises it; bench/RESULTS.md). With
+  ``multiplicative`` (``x`` is ``u`` itself, modulate="update") it is
+  ``u * (1 + where(mask, scale, 0))``, so that ``u`` is used once.
   """
   dtype = jnp.promote_types(u.dtype, jnp.float32)
   zero = 0
@@ -196,17 +243,21 @@ def _combine(u, x, mask, coef, weight, multiplicative=False):
     # (broadcasts, fused like the rest).
     like_u = jnp.zeros_like(u, dtype=dtype)
     mask = mask & jnp.ones_like(u, dtype=bool)
-    coef = coef.astype(dtype) + like_u
+    scale = scale + like_u
     zero = like_u
-  if multiplicative:  # x is u: u * (1 + where(mask, w * coef, 0)), one use of u
-    scale = weight * coef.astype(dtype)
+  if multiplicative:  # x is u: u * (1 + where(mask, scale, 0)), one use of u
     if mask is not True:
       scale = jnp.where(mask, scale, zero)
     return (u.astype(dtype) * (1 + scale)).astype(u.dtype)
-  term = (weight * coef.astype(dtype)) * x.astype(dtype)
+  term = scale * x.astype(dtype)
   if mask is True:
     return (u.astype(dtype) + term).astype(u.dtype)
   return (u.astype(dtype) + jnp.where(mask, term, zero)).astype(u.dtype)
+
+
+def _scaled(weight, m: jax.Array, dtypes) -> dict:
+  """``weight * m`` in each of ``dtypes`` (the leaves' combine dtypes), once each."""
+  return {dt: weight * m.astype(dt) for dt in dict.fromkeys(dtypes)}
 
 
 def _registers_local(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
@@ -340,20 +391,21 @@ def _term_fn(modulator, scope, multiplicative):
 def _term(ps, us, xs, weight, *, modulator, scope, multiplicative):
   """The new updates of the eligible leaves ``ps`` (lists, same order)."""
   n = modulator.n_qubits
+  dtypes = [jnp.promote_types(u.dtype, jnp.float32) for u in us]
   if scope == "all":
-    return [_combine(u, x, True, _registers_all(p, modulator), weight,
-                     multiplicative) for p, u, x in zip(ps, us, xs)]
+    return [_combine(u, x, True, weight * _registers_all(p, modulator).astype(dt),
+                     multiplicative) for p, u, x, dt in zip(ps, us, xs, dtypes)]
 
   # Registers in the parameters' precision (at least float32).
   ftype = jnp.result_type(jnp.float32, *(p.dtype for p in ps))
   if scope == "leaf":
     counts = [min(n, p.size) for p in ps]
-    regs = jnp.stack([
-        jnp.pad(head(p, c).astype(ftype), (0, n - c))
-        for p, c in zip(ps, counts)
-    ])
-    m = modulator(regs)
-    parts = rows(m, counts)
+    regs = stack_heads([_padded(head(p, c).astype(ftype), n)
+                        for p, c in zip(ps, counts)])
+    scaled = {dt: v.reshape(-1)
+              for dt, v in _scaled(weight, modulator(regs), dtypes).items()}
+    parts = [row(scaled[dt], j * n, c)
+             for j, (c, dt) in enumerate(zip(counts, dtypes))]
   else:  # "model"
     counts, remaining = [], n
     for p in ps:
@@ -362,21 +414,27 @@ def _term(ps, us, xs, weight, *, modulator, scope, multiplicative):
       remaining -= c
     reg = jnp.concatenate([head(p, c).astype(ftype)
                            for p, c in zip(ps, counts) if c > 0])
-    reg = jnp.pad(reg, (0, n - reg.shape[0]))
-    m = modulator(reg[None])[0]
+    scaled = _scaled(weight, modulator(_padded(reg, n)[None])[0], dtypes)
     parts, offset = [], 0
-    for c in counts:
-      parts.append(m[offset:offset + c] if c > 0 else None)
+    for c, dt in zip(counts, dtypes):
+      parts.append(scaled[dt][offset:offset + c] if c > 0 else None)
       offset += c
 
-  out = []
+  out, masks = [], {}
   for p, u, x, r in zip(ps, us, xs, parts):
     if r is None:
       out.append(u)
       continue
-    mask, coef = placed_select(p.shape, r)
-    out.append(_combine(u, x, mask, coef, weight, multiplicative))
+    key = (p.shape, r.shape[0])
+    if key not in masks:  # one mask per shape and count, shared by leaves
+      masks[key] = head_mask(*key)
+    out.append(_combine(u, x, masks[key], head_block(p.shape, r), multiplicative))
   return out
+
+
+def _padded(v: jax.Array, n: int) -> jax.Array:
+  """``v`` (1-D) zero-padded to ``n`` entries."""
+  return v if v.shape[0] == n else jnp.pad(v, (0, n - v.shape[0]))
 
 
 def selected_mask(params, n_qubits: int, scope: str):

@@ -1,8 +1,34 @@
 """Test configuration: strict JAX settings shared by every test module."""
 
-import jax
-import numpy as np
-import pytest
+import os
+import shutil
+import tempfile
+
+# One persistent compilation cache for the whole test session: this process
+# and every subprocess it starts (the examples, multi-process runs) inherit
+# it through the environment, and many tests compile the same train steps.
+# A cached executable is the same program, so the bit-identity checks
+# (resume, rerun) keep their meaning. Set before jax is imported; a cache
+# directory of the user's own is left as it is.
+_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix="qsgd-optax-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")))
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _CACHE_DIR is not None:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 # Tests run in float32, as users do; the QNode's complex128 request is
 # truncated to complex64 and its warning is filtered at the call site.

@@ -15,13 +15,35 @@ MODES = {"auto", "explicit", "explicit-bare", "mixed"}
 LEAVES = {"w", "e", "s", "m", "v", "r"}
 
 
-def test_sharded_update_keeps_sharding_and_matches_unsharded():
+def _run_modes(groups, tmp_path, timeout=600):
+  """The script once per group of modes, the groups concurrently; merged reports.
+
+  Output goes to files, so that neither process waits on a full pipe.
+  """
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, str(SCRIPT), *sorted(MODES)],
-                        capture_output=True, text=True, env=env, timeout=600,
-                        check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  reports = json.loads(proc.stdout.strip().splitlines()[-1])
+  procs = []
+  try:
+    for i, group in enumerate(groups):
+      out, err = open(tmp_path / f"{i}.out", "w"), open(tmp_path / f"{i}.err", "w")
+      with out, err:
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), *group], stdout=out,
+                                      stderr=err, text=True, env=env))
+    for proc in procs:
+      proc.wait(timeout=timeout)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  reports = {}
+  for i, proc in enumerate(procs):
+    assert proc.returncode == 0, (tmp_path / f"{i}.err").read_text()[-4000:]
+    reports.update(json.loads((tmp_path / f"{i}.out").read_text().strip().splitlines()[-1]))
+  return reports
+
+
+def test_sharded_update_keeps_sharding_and_matches_unsharded(tmp_path):
+  modes = sorted(MODES)  # two processes of two modes each, side by side
+  reports = _run_modes([modes[:2], modes[2:]], tmp_path)
   # Auto axes; Explicit axes inside jax.set_mesh; Explicit axes without any
   # mesh context (jax.make_mesh's default, where optax.adamw works too); one
   # Auto and one Explicit axis.

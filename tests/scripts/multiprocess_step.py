@@ -41,6 +41,11 @@ def main(process_id: int, port: int) -> None:
   host = {k: rng.uniform(-1, 1, size=s).astype(np.float32) for k, s in SHAPES.items()}
   grads_host = {k: np.cos(3 * v) for k, v in host.items()}
   report = {}
+  refs = {}  # the single-process reference of each case, the same in every mode
+  for scope, modulate in CASES:
+    tx = qsgd_optax.qsgd(1e-2, 0.5, circuit="paper", scope=scope, modulate=modulate,
+                         weight_decay=1e-3)
+    refs[scope, modulate], _ = tx.update(grads_host, tx.init(host), host)
   for mode in MODES:
     axis = jax.sharding.AxisType.Auto if mode == "auto" else jax.sharding.AxisType.Explicit
     mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis, axis))
@@ -58,7 +63,7 @@ def main(process_id: int, port: int) -> None:
       with context:
         state = tx.init(params)
         updates, state = jax.jit(tx.update)(grads, state, params)
-      ref, _ = tx.update(grads_host, tx.init(host), host)
+      ref = refs[scope, modulate]
       for k in host:
         want = NamedSharding(mesh, SPECS[k])
         got = multihost_utils.process_allgather(updates[k], tiled=True)
