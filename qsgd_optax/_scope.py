@@ -166,8 +166,10 @@ def head_block(shape: Sequence[int], r: jax.Array) -> jax.Array:
   return block.reshape((1,) * d + suffix)
 
 
-# XLA:CPU fuses a concatenation of up to this many slices of different
-# arrays into one kernel; beyond it every slice becomes a kernel of its own.
+# Heads per concatenation. XLA:CPU fuses a concatenation of up to 8 slices
+# of different arrays into one kernel; beyond that every slice becomes a
+# kernel of its own (measured with jax 0.10; the stack of the groups may
+# then be fused with them, e.g. one kernel reads the heads of 64 arrays).
 HEADS_PER_KERNEL = 8
 
 
@@ -178,8 +180,8 @@ def stack_heads(heads: Sequence[jax.Array]) -> jax.Array:
   a kernel of its own on XLA:CPU (one dispatch per array per step), and
   nested concatenations along one axis are flattened back by its
   simplifier. So the heads are concatenated :data:`HEADS_PER_KERNEL` at a
-  time along their own axis and the groups stacked along a new one: one
-  kernel per group (bench/RESULTS.md, "Compile time at many parameter
+  time along their own axis and the groups stacked along a new one: at
+  most one kernel per group (bench/RESULTS.md, "Compile time at many parameter
   arrays"). Same values as ``jnp.stack(heads)``.
   """
   heads = list(heads)
@@ -193,28 +195,17 @@ def stack_heads(heads: Sequence[jax.Array]) -> jax.Array:
   return jnp.stack(groups).reshape(-1, n)[:len(heads)]
 
 
-def rows(m: jax.Array, counts: Sequence[int]) -> list[jax.Array]:
-  """Row ``j`` of ``m``, its first ``counts[j]`` entries, for every ``j``.
-
-  Each row is a gather of ``m`` at a constant index vector, not a slice. A
-  static slice ``m[j]`` fused into leaf ``j``'s loop makes every leaf's
-  fused computation different (its offset ``j`` is part of the kernel), so
-  XLA:CPU compiles one kernel per leaf; an index vector of more than one
-  entry stays a constant buffer, an operand of the fusion, and leaves of
-  one shape then share one compiled kernel (bench/RESULTS.md, "Compile time
-  at many parameter arrays"). The values are the same as ``m[j, :c]``.
-  """
-  n = m.shape[1]
-  flat = m.reshape(-1)
-  return [row(flat, j * n, c) for j, c in enumerate(counts)]
-
-
 def row(flat: jax.Array, start: int, count: int) -> jax.Array:
   """``flat[start:start + count]`` as a gather at a constant index vector.
 
-  Unsigned indices: nothing is emitted to wrap negative ones. A one-entry
-  index would be simplified back into a slice, so one entry is picked as
-  the first of two.
+  Not a slice: a static slice fused into leaf ``j``'s loop makes every
+  leaf's fused computation different (its offset is part of the kernel), so
+  XLA:CPU compiles one kernel per leaf; an index vector of more than one
+  entry stays a constant buffer, an operand of the fusion, and leaves of
+  one shape then share one compiled kernel (bench/RESULTS.md, "Compile time
+  at many parameter arrays"). Unsigned indices: nothing is emitted to wrap
+  negative ones. A one-entry index would be simplified back into a slice,
+  so one entry is picked as the first of two.
   """
   if count > 1:
     index = np.arange(start, start + count, dtype=np.uint32)
@@ -227,9 +218,9 @@ def row(flat: jax.Array, start: int, count: int) -> jax.Array:
 def _combine(u, x, mask, scale, multiplicative=False):
   """``u + where(mask, scale * x, 0)``, in ``u``'s dtype.
 
-  ``scale`` is the quantum weight times the modulation, already in
-  ``promote_types(u.dtype, float32)`` (computed once for all leaves, not
-  per leaf). Written as an addition of a masked term (not ``where(mask,
+  ``scale`` is the quantum weight times the modulation in
+  ``promote_types(u.dtype, float32)`` (wider where the weight is), computed
+  once for all leaves, not per leaf. Written as an addition of a masked term (not ``where(mask,
   u + t, u)``): XLA then keeps Adam's direction fused into the same loop
   (the select form materialises it; bench/RESULTS.md). With
   ``multiplicative`` (``x`` is ``u`` itself, modulate="update") it is
@@ -256,7 +247,7 @@ def _combine(u, x, mask, scale, multiplicative=False):
 
 
 def _scaled(weight, m: jax.Array, dtypes) -> dict:
-  """``weight * m`` in each of ``dtypes`` (the leaves' combine dtypes), once each."""
+  """``weight * m.astype(dt)`` for each ``dt`` of ``dtypes`` (the leaves' combine dtypes), once each."""
   return {dt: weight * m.astype(dt) for dt in dict.fromkeys(dtypes)}
 
 

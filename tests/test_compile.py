@@ -65,15 +65,6 @@ def test_leaves_of_one_shape_share_kernels(circuit, modulate, rng):
   assert (total_48 - total_24) - (adamw_48 - adamw_24) < 24
 
 
-def test_rows_are_the_rows_of_m(rng):
-  m = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
-  counts = [4, 1, 3, 2, 4]
-  got = jax.jit(lambda v: _scope.rows(v, counts))(m)
-  # A gather copies entries, no arithmetic: exact on any CPU.
-  for j, (g, c) in enumerate(zip(got, counts)):
-    np.testing.assert_array_equal(g, np.asarray(m)[j, :c])
-
-
 @pytest.mark.parametrize("count", [1, 7, 8, 9, 17, 40])
 @pytest.mark.parametrize("n", [1, 4])
 def test_stack_heads_is_stack(count, n, rng):
