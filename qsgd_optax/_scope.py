@@ -161,9 +161,7 @@ def head_block(shape: Sequence[int], r: jax.Array) -> jax.Array:
     return r[0]
   d = _split_dim(shape, k)
   suffix = shape[d:]
-  size = math.prod(suffix)
-  block = r if size == k else jnp.pad(r, (0, size - k))  # keeps r's sharding
-  return block.reshape((1,) * d + suffix)
+  return _padded(r, math.prod(suffix)).reshape((1,) * d + suffix)
 
 
 # Heads per concatenation. XLA:CPU fuses a concatenation of up to 8 slices
@@ -189,9 +187,8 @@ def stack_heads(heads: Sequence[jax.Array]) -> jax.Array:
   if len(heads) <= g:
     return jnp.stack(heads)
   n = heads[0].shape[0]
-  groups = [jnp.concatenate(heads[i:i + g]) for i in range(0, len(heads), g)]
-  if groups[-1].shape[0] < g * n:
-    groups[-1] = jnp.pad(groups[-1], (0, g * n - groups[-1].shape[0]))
+  groups = [_padded(jnp.concatenate(heads[i:i + g]), g * n)
+            for i in range(0, len(heads), g)]
   return jnp.stack(groups).reshape(-1, n)[:len(heads)]
 
 
@@ -220,9 +217,10 @@ def _combine(u, x, mask, scale, multiplicative=False):
 
   ``scale`` is the quantum weight times the modulation in
   ``promote_types(u.dtype, float32)`` (wider where the weight is), computed
-  once for all leaves, not per leaf. Written as an addition of a masked term (not ``where(mask,
-  u + t, u)``): XLA then keeps Adam's direction fused into the same loop
-  (the select form materialises it; bench/RESULTS.md). With
+  once for all leaves, not per leaf. Written as an addition of a masked
+  term (not ``where(mask, u + t, u)``): XLA then keeps Adam's direction
+  fused into the same loop (the select form materialises it;
+  bench/RESULTS.md). With
   ``multiplicative`` (``x`` is ``u`` itself, modulate="update") it is
   ``u * (1 + where(mask, scale, 0))``, so that ``u`` is used once.
   """
@@ -424,7 +422,7 @@ def _term(ps, us, xs, weight, *, modulator, scope, multiplicative):
 
 
 def _padded(v: jax.Array, n: int) -> jax.Array:
-  """``v`` (1-D) zero-padded to ``n`` entries."""
+  """``v`` (1-D) zero-padded to ``n`` entries (``v`` itself if it has them; keeps its sharding)."""
   return v if v.shape[0] == n else jnp.pad(v, (0, n - v.shape[0]))
 
 
