@@ -345,22 +345,45 @@ def make_qnode(n_qubits: int, readout: str = "paper") -> QNodeCircuit:
                         _check_readout(readout))
 
 
+def register_entry(y: jax.Array, i: int) -> jax.Array:
+  """``y[..., i]``, written as a masked sum over the last axis (same values).
+
+  A slice ``y[..., i]`` is an HLO slice to ``[..., 1]`` and a reshape that
+  drops the 1; XLA's simplifier then moves that reshape down through every
+  elementwise operation of the gate that uses the angle, one operation per
+  round of its fixed-point loop, and each round walks the whole program
+  (every parameter array's update included). The sum over the last axis of
+  ``where(one_hot, y, 0)`` has no reshape to move. The same values: one
+  entry plus zeros (``-0.0`` comes back as ``+0.0``, the same angle); a NaN
+  elsewhere in the register does not leak in.
+  """
+  one_hot = jnp.arange(jnp.shape(y)[-1]) == i
+  return jnp.sum(jnp.where(one_hot, y, 0), axis=-1)
+
+
 def paper_gates(y: jax.Array, wires: Sequence[Any], readout: str) -> tuple[Any, ...]:
   """Queues the paper's gates on ``wires`` and returns the readout's expvals.
 
   On each wire ``i``: Hadamard, ``RY(pi y_i)``, ``RZ(pi y_i)``; then
   ``CNOT(i, i + 1)``. Returns ``qml.expval`` of ``Z_0`` and of ``Z_{i-1} Z_i``
   (``"paper"``) or of every ``Z_i`` (``"entangled"``): the raw values, before
-  the sign. ``y: [..., n]`` holds the reduced angles (:func:`reduce_period2`);
-  leading axes are PennyLane's parameter broadcasting. To be called inside a
-  QNode's quantum function.
+  the sign. ``y: [..., n]`` holds the reduced angles (:func:`reduce_period2`):
+  one register (``[n]``, under ``jax.vmap``) or a batch of them with
+  PennyLane's parameter broadcasting. To be called inside a QNode's quantum
+  function.
+
+  The Hadamards of all wires are queued first (gates on different wires
+  commute: the same circuit): the state they prepare does not depend on the
+  angles, so a traced simulation starts from a constant state instead of
+  applying each Hadamard to a batch of states.
   """
   import pennylane as qml  # pylint: disable=g-import-not-at-top
 
   wires = list(wires)
-  for i, wire in enumerate(wires):
-    angle = jnp.pi * y[..., i]
+  for wire in wires:
     qml.Hadamard(wires=wire)
+  for i, wire in enumerate(wires):
+    angle = jnp.pi * register_entry(y, i)
     qml.RY(angle, wires=wire)
     qml.RZ(angle, wires=wire)
   for a, b in zip(wires[:-1], wires[1:]):
@@ -411,7 +434,11 @@ def build_circuit(device: Any, n_qubits: int, readout: str, *, traced: bool,
       # shots comes back from default.qubit with the batch axis dropped.
       if y.shape[0] == 1:
         y = y[0]
-    expvals = quiet(y)
+    # default.qubit's parameter broadcasting reshapes every batched angle to
+    # [B, 1, ..., 1] before its trigonometry, a reshape XLA's simplifier then
+    # moves down one operation per round of its fixed-point loop (each round
+    # walking the whole program); vmap over single registers has none.
+    expvals = jax.vmap(quiet)(y) if traced else quiet(y)
     out = -jnp.stack([jnp.reshape(e, theta.shape[:1]) for e in expvals], -1)
     return out.astype(dtype)
 

@@ -115,10 +115,13 @@ def make_device_qnode(device: Any, n_qubits: int, readout: str = "paper", *,
     (QSGD never differentiates its term; a gradient through this circuit is
     zero).
 
-  Batches: the ``B`` registers of one call are one broadcast QNode execution
-  (PennyLane parameter broadcasting). Devices without native broadcasting
-  (``lightning.qubit``, ``qiskit.aer``) get it split by PennyLane into ``B``
-  circuits, executed in one device batch inside the same callback.
+  Batches: on a traced device the ``B`` registers of one call are
+  ``jax.vmap`` of the QNode over single registers (as for
+  ``circuit="paper"``). On any other device they are one broadcast QNode
+  execution (PennyLane parameter broadcasting); devices without native
+  broadcasting (``lightning.qubit``, ``qiskit.aer``) get it split by
+  PennyLane into ``B`` circuits, executed in one device batch inside the
+  same callback.
 
   Shots: with ``shots`` (or a device created with shots) the modulation is
   the sampled estimate of each expectation value: noisy, within

@@ -30,7 +30,9 @@ extra passes). The heads are read into the batch a few arrays per kernel
 each leaf picks its row by a gather at a constant index vector (:func:`row`),
 so the fused loops of leaves of one shape stay one computation and XLA
 compiles one kernel for all of them; leaves of one shape share one mask
-(:func:`head_mask`).
+(:func:`head_mask`). The placement is written in ``lax`` operations
+(``gather``, ``pad``, ``select``), not ``jnp.where``/``jnp.pad``, which are
+jitted functions and would put one call per leaf into the program.
 For ``"all"`` registers are evaluated in bounded chunks
 (:data:`qsgd_optax.circuits.MAX_CHUNK_AMPLITUDES`), per shard where the
 leaf is explicitly sharded.
@@ -132,7 +134,10 @@ def head_mask(shape: Sequence[int], k: int) -> jax.Array | bool:
   block ``shape[d:]`` that holds the first ``k`` entries (:func:`_split_dim`);
   the result broadcasts against the leaf without anything of the leaf's size
   being materialised. It depends on ``(shape, k)`` alone, so leaves of one
-  shape share one mask. ``True`` for a scalar leaf.
+  shape share one mask. ``True`` for a scalar leaf. (A constant boolean mask
+  instead, one operand of the loop instead of a dozen iota instructions,
+  compiled 3% faster at 512 arrays but made the step 5% slower:
+  bench/RESULTS.md.)
   """
   shape = tuple(shape)
   if not shape:
@@ -200,15 +205,19 @@ def row(flat: jax.Array, start: int, count: int) -> jax.Array:
   XLA:CPU compiles one kernel per leaf; an index vector of more than one
   entry stays a constant buffer, an operand of the fusion, and leaves of
   one shape then share one compiled kernel (bench/RESULTS.md, "Compile time
-  at many parameter arrays"). Unsigned indices: nothing is emitted to wrap
-  negative ones. A one-entry index would be simplified back into a slice,
-  so one entry is picked as the first of two.
+  at many parameter arrays"). Written as ``lax.gather`` on int32 indices
+  shaped ``[count, 1]``, in bounds by construction: nothing is emitted to
+  convert, reshape or wrap them. A one-entry index would be simplified back
+  into a slice, so one entry is picked as the first of two.
   """
-  if count > 1:
-    index = np.arange(start, start + count, dtype=np.uint32)
-  else:
-    index = np.array([start, 0], np.uint32)
-  picked = flat.at[jnp.asarray(index)].get(mode="promise_in_bounds")
+  index = np.arange(start, start + max(count, 2), dtype=np.int32)
+  if count == 1:
+    index[1] = 0
+  picked = jax.lax.gather(
+      flat, jnp.asarray(index[:, None]),
+      jax.lax.GatherDimensionNumbers(
+          offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)),
+      slice_sizes=(1,), mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
   return picked if count > 1 else picked[:1]
 
 
@@ -236,12 +245,29 @@ def _combine(u, x, mask, scale, multiplicative=False):
     zero = like_u
   if multiplicative:  # x is u: u * (1 + where(mask, scale, 0)), one use of u
     if mask is not True:
-      scale = jnp.where(mask, scale, zero)
+      scale = _select(mask, scale, zero)
     return (u.astype(dtype) * (1 + scale)).astype(u.dtype)
   term = scale * x.astype(dtype)
   if mask is True:
     return (u.astype(dtype) + term).astype(u.dtype)
-  return (u.astype(dtype) + jnp.where(mask, term, zero)).astype(u.dtype)
+  return (u.astype(dtype) + _select(mask, term, zero)).astype(u.dtype)
+
+
+def _select(mask, a, zero):
+  """``jnp.where(mask, a, zero)`` (``mask`` of the leaf's shape) as one ``lax.select``.
+
+  ``jnp.where`` is a jitted function: one call per leaf in the lowered
+  program, which XLA then inlines leaf by leaf.
+  """
+  a = jnp.broadcast_to(a, mask.shape)
+  if _explicit_sharding(a) is not None:
+    # lax.select wants its operands sharded alike: the mask (iotas) and the
+    # zero take a's sharding (a may be sharded where u is not).
+    mask = mask & jnp.ones_like(a, dtype=bool)
+    zero = jnp.zeros_like(a) + zero
+  else:
+    zero = jnp.broadcast_to(jnp.asarray(zero, a.dtype), mask.shape)
+  return jax.lax.select(mask, a, zero.astype(a.dtype))
 
 
 def _scaled(weight, m: jax.Array, dtypes) -> dict:
@@ -423,7 +449,9 @@ def _term(ps, us, xs, weight, *, modulator, scope, multiplicative):
 
 def _padded(v: jax.Array, n: int) -> jax.Array:
   """``v`` (1-D) zero-padded to ``n`` entries (``v`` itself if it has them; keeps its sharding)."""
-  return v if v.shape[0] == n else jnp.pad(v, (0, n - v.shape[0]))
+  if v.shape[0] == n:
+    return v
+  return jax.lax.pad(v, jnp.zeros((), v.dtype), [(0, n - v.shape[0], 0)])
 
 
 def selected_mask(params, n_qubits: int, scope: str):

@@ -15,7 +15,7 @@ import pytest
 
 import qsgd_optax
 
-from helpers import PROBLEMS, STEPS, mixed_tree, run_scan
+from helpers import PROBLEMS, STEPS, converged_loss, mixed_tree, run_scan
 
 CIRCUITS = ("paper", "entangled", "sine")
 SCOPES = ("leaf", "model", "all")
@@ -32,7 +32,7 @@ def test_update_form_converges(problem, circuit, scope):
   """The 'update' form reaches optax's targets (lr 1e-2, helpers.STEPS)."""
   tx = qsgd_optax.qsgd(1e-2, 0.5, circuit=circuit, scope=scope,
                        modulate="update")
-  _, loss = run_scan(tx, PROBLEMS[problem], STEPS[problem])
+  loss = converged_loss(tx, PROBLEMS[problem], STEPS[problem])
   assert float(loss) < 1e-4, float(loss)
 
 
@@ -40,7 +40,7 @@ def test_update_form_converges(problem, circuit, scope):
 def test_update_form_converges_over_weights(quantum_weight):
   tx = qsgd_optax.qsgd(1e-2, quantum_weight, modulate="update")
   for name, problem in PROBLEMS.items():
-    _, loss = run_scan(tx, problem, STEPS[name])
+    loss = converged_loss(tx, problem, STEPS[name])
     assert float(loss) < 1e-4, (name, float(loss))
 
 
@@ -49,7 +49,7 @@ def test_paper_and_preconditioned_forms_converge_at_small_weight(problem):
   for modulate in ("preconditioned",) + (
       ("gradient",) if problem == "rosenbrock" else ()):
     tx = qsgd_optax.qsgd(1e-2, 0.1, modulate=modulate)
-    _, loss = run_scan(tx, PROBLEMS[problem], STEPS[problem])
+    loss = converged_loss(tx, PROBLEMS[problem], STEPS[problem])
     assert float(loss) < 1e-4, (modulate, float(loss))
 
 

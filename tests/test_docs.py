@@ -41,12 +41,17 @@ def test_getting_started_runs_and_trains():
 
 def test_circuits_page_runs():
   blocks = _blocks("circuits.md")
-  assert len(blocks) == 2
+  assert len(blocks) == 3
   ns: dict = {}
+  circuits = []
   for block in blocks:
     exec(compile(block, "circuits.md", "exec"), ns)  # pylint: disable=exec-used
+    if "my_circuit" in ns and ns["my_circuit"] not in circuits:
+      circuits.append(ns["my_circuit"])
+  assert len(circuits) == 2  # broadcast, then vmapped: the same circuit
   theta = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
-  np.testing.assert_allclose(ns["my_circuit"](theta), np.cos(np.pi * np.asarray(theta)), atol=1e-6)
+  for circuit in circuits:
+    np.testing.assert_allclose(circuit(theta), np.cos(np.pi * np.asarray(theta)), atol=1e-6)
   params = {"w": jnp.linspace(-1.0, 1.0, 6)}
   u, _ = ns["tx"].update(params, ns["tx"].init(params), params)
   assert bool(jnp.all(jnp.isfinite(u["w"])))

@@ -20,6 +20,7 @@ os.environ["XLA_FLAGS"] = (
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import qsgd_optax  # noqa: E402
@@ -90,7 +91,26 @@ def main(mode: str) -> dict:
                                                - np.asarray(ref_u[k])))),
         }
     report[f"{circuit}/{scope}"] = case
+  if mode.startswith("explicit"):
+    report["replicated_update"] = _replicated_update(mesh, host, grads_host, put)
   return report
+
+
+def _replicated_update(mesh, host, grads_host, put):
+  """An inner transformation whose update is replicated while the gradient is
+  sharded (modulate="gradient"): the term's select then mixes shardings."""
+  replicate = optax.stateless(lambda u, p: jax.tree.map(
+      lambda x: jax.sharding.reshard(x, NamedSharding(mesh, P())), u))
+  tx = qsgd_optax.superpose(optax.chain(optax.scale_by_adam(), replicate), 0.5,
+                            modulate="gradient")
+  # The reference: the same values without the resharding (single device).
+  ref_tx = qsgd_optax.superpose(optax.scale_by_adam(), 0.5, modulate="gradient")
+  ref_u, _ = ref_tx.update(grads_host, ref_tx.init(host), host)
+  params, grads = put(host), put(grads_host)
+  with jax.set_mesh(mesh):
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  return max(float(np.max(np.abs(np.asarray(updates[k]) - np.asarray(ref_u[k]))))
+             for k in host)
 
 
 if __name__ == "__main__":
