@@ -48,6 +48,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -317,16 +318,30 @@ def format_table(cases: list[dict], runs: list[dict]) -> str:
   return "\n".join([line(head), sep] + [line(r) for r in rows])
 
 
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+  """25th and 75th percentiles (inclusive method; one value: itself twice)."""
+  if len(values) < 2:
+    return values[0], values[0]
+  q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+  return q1, q3
+
+
 def plot(cases: list[dict], runs: list[dict], path: Path) -> None:
-  """Ratio per case (bars: median, whiskers: min-max over pairs, coloured by
-  the ratio target) above the compile times of both arms."""
+  """Ratio per case (bars: median, whiskers: the middle half of the pair
+  ratios, coloured by the ratio target) above the compile times of both arms.
+
+  The whiskers span the 25th to 75th percentile, not min-max: on a shared
+  machine one descheduled call makes a single pair ratio of 5 or 0.2, which
+  would flatten every other whisker.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   ratios = [c["ratio"] for c in cases]
-  lo = [r - min(run["pair_ratios"]) for r, run in zip(ratios, runs)]
-  hi = [max(run["pair_ratios"]) - r for r, run in zip(ratios, runs)]
+  quartiles = [_quartiles(run["pair_ratios"]) for run in runs]
+  lo = [max(0.0, r - q1) for r, (q1, _) in zip(ratios, quartiles)]
+  hi = [max(0.0, q3 - r) for r, (_, q3) in zip(ratios, quartiles)]
 
   def color(run):
     met = [ok for name, ok in run["targets_met"].items() if name.startswith("ratio")]
@@ -344,7 +359,7 @@ def plot(cases: list[dict], runs: list[dict], path: Path) -> None:
   for i, r in enumerate(ratios):
     ax.annotate(f"{r:.2f}", (i, r), xytext=(0, 2), textcoords="offset points",
                 ha="center", va="bottom", fontsize=7)
-  ax.set_ylabel("qsgd / adamw step time\n(median of pairs, min-max)")
+  ax.set_ylabel("qsgd / adamw step time\n(median of pairs, 25th-75th pct)")
   ax.set_title("QSGD optimizer-step overhead vs optax.adamw "
                "(green/red: meets/misses its ratio target)", fontsize=10)
   ax.legend(loc="upper left", fontsize=8)

@@ -234,27 +234,23 @@ def _combine(u, x, mask, scale, multiplicative=False):
   ``u * (1 + where(mask, scale, 0))``, so that ``u`` is used once.
   """
   dtype = jnp.promote_types(u.dtype, jnp.float32)
-  zero = 0
   if mask is not True and _explicit_sharding(u) is not None:
-    # Under explicit sharding older jax (0.7) wants select's operands sharded
-    # alike: give the mask, the scale and the zero the leaf's sharding
-    # (broadcasts, fused like the rest).
-    like_u = jnp.zeros_like(u, dtype=dtype)
-    mask = mask & jnp.ones_like(u, dtype=bool)
-    scale = scale + like_u
-    zero = like_u
+    # Under explicit sharding the small coefficient block takes the leaf's
+    # sharding (a broadcast, fused like the rest), so the masked term is
+    # sharded like the leaf; _select aligns the mask and the zero with it.
+    scale = scale + jnp.zeros_like(u, dtype=dtype)
   if multiplicative:  # x is u: u * (1 + where(mask, scale, 0)), one use of u
     if mask is not True:
-      scale = _select(mask, scale, zero)
+      scale = _select(mask, scale)
     return (u.astype(dtype) * (1 + scale)).astype(u.dtype)
   term = scale * x.astype(dtype)
   if mask is True:
     return (u.astype(dtype) + term).astype(u.dtype)
-  return (u.astype(dtype) + _select(mask, term, zero)).astype(u.dtype)
+  return (u.astype(dtype) + _select(mask, term)).astype(u.dtype)
 
 
-def _select(mask, a, zero):
-  """``jnp.where(mask, a, zero)`` (``mask`` of the leaf's shape) as one ``lax.select``.
+def _select(mask, a):
+  """``jnp.where(mask, a, 0)`` (``mask`` of the leaf's shape) as one ``lax.select``.
 
   ``jnp.where`` is a jitted function: one call per leaf in the lowered
   program, which XLA then inlines leaf by leaf.
@@ -264,10 +260,10 @@ def _select(mask, a, zero):
     # lax.select wants its operands sharded alike: the mask (iotas) and the
     # zero take a's sharding (a may be sharded where u is not).
     mask = mask & jnp.ones_like(a, dtype=bool)
-    zero = jnp.zeros_like(a) + zero
+    zero = jnp.zeros_like(a)
   else:
-    zero = jnp.broadcast_to(jnp.asarray(zero, a.dtype), mask.shape)
-  return jax.lax.select(mask, a, zero.astype(a.dtype))
+    zero = jnp.zeros(mask.shape, a.dtype)
+  return jax.lax.select(mask, a, zero)
 
 
 def _scaled(weight, m: jax.Array, dtypes) -> dict:
