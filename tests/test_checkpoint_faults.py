@@ -232,6 +232,36 @@ def test_another_dtype_is_refused_as_another_configuration(tmp_path):
   assert (tmp_path / "2").is_dir() and (tmp_path / "1").is_dir()  # nothing set aside
 
 
+@pytest.mark.parametrize("change, named", [
+    ("shape", r"\['w'\] is float32\[4096\] in the checkpoint, float32\[2048\] in this run"),
+    ("missing", r"\['b'\] is bfloat16\[3, 5\] in the checkpoint, absent in this run"),
+    ("extra", r"\['extra'\] is absent in the checkpoint, float32\[2\] in this run"),
+])
+def test_another_layout_is_refused_from_the_record_not_orbax_text(tmp_path, monkeypatch, change, named):
+  """Shapes and tree structure are compared with the digest record before anything is read.
+
+  Orbax's own message is not consulted (its matcher is disabled here): the step is refused as
+  another configuration, named by path, and nothing is set aside as damaged.
+  """
+  _two_steps(tmp_path)
+  monkeypatch.setattr(_checkpoints, "_is_layout_error", lambda e: False)
+  target = _tree(0.0)
+  if change == "shape":
+    target["w"] = jnp.zeros(2048, jnp.float32)
+  elif change == "missing":
+    del target["b"]
+  else:
+    target["extra"] = jnp.zeros(2, jnp.float32)
+  ckpt = _checkpoints.RunCheckpoints(tmp_path, {"run": 1}, keep=3, resume=True)
+  try:
+    with pytest.raises(_checkpoints.CheckpointError, match=r"do not fit this run's state \(" + named):
+      ckpt.restore(target)
+  finally:
+    ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("corrupt")) == []
+  assert (tmp_path / "2").is_dir() and (tmp_path / "1").is_dir()
+
+
 def test_lost_commit_markers_are_refused_not_restarted(tmp_path):
   _two_steps(tmp_path)
   for step in ("1", "2"):

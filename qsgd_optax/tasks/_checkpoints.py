@@ -172,17 +172,28 @@ def _is_layout_error(e: ValueError) -> bool:
   return "tree structures do not match" in text or "not compatible with the stored shape" in text
 
 
-def _mismatches(saved: Mapping[str, str], tree: Any) -> tuple[list[str], list[str]]:
-  """``(layout, damaged)``: paths whose dtype/shape differ from the record, and whose bits do."""
-  layout, damaged = [], []
-  for path, d in digests(tree).items():
+def _layout_mismatches(saved: Mapping[str, str], target: Any) -> list[str]:
+  """Where ``target``'s arrays differ in path, dtype or shape from the digest record ``saved``.
+
+  Read from the record and the target alone (nothing is restored or hashed), so another
+  configuration is told apart from damage without depending on Orbax's error messages.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(target)[0]
+  kinds = {jax.tree_util.keystr(path): _kind(x) for path, x in flat}
+  layout = []
+  for path, kind in kinds.items():
     want = saved.get(path)
-    if want is None or want.split(":")[0] != d.split(":")[0]:
+    if want is None or want.split(":")[0] != kind:
       layout.append(f"{path} is {want.split(':')[0] if want else 'absent'} in the checkpoint, "
-                    f"{d.split(':')[0]} in this run")
-    elif want != d:
-      damaged.append(path)
-  return layout, damaged
+                    f"{kind} in this run")
+  layout += [f"{path} is {want.split(':')[0]} in the checkpoint, absent in this run"
+             for path, want in saved.items() if path not in kinds]
+  return layout
+
+
+def _damaged(saved: Mapping[str, str], tree: Any) -> list[str]:
+  """Paths of ``tree`` whose digest differs from the record (the layout already agrees)."""
+  return [path for path, d in digests(tree).items() if saved.get(path) != d]
 
 
 # The files of a step, hashed after the save by the process that wrote them
@@ -452,12 +463,20 @@ class RunCheckpoints:
         continue
       if check is not None:
         check(progress)
+      if saved is not None:
+        layout = _layout_mismatches(saved, target)
+        if layout:
+          raise CheckpointError(
+              f"cannot resume from {self.directory}: the saved arrays do not fit this run's state "
+              f"({layout[0]}" + (f"; {len(layout) - 1} more" if len(layout) > 1 else "") + ")")
       tree, local = None, None
       try:
         tree = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
       except Exception as e:  # pylint: disable=broad-except
-        if isinstance(e, ValueError) and _is_layout_error(e):  # another configuration, not damage
+        # Without a digest record (older checkpoints) only Orbax's message tells another
+        # configuration from damage.
+        if isinstance(e, ValueError) and _is_layout_error(e):
           raise CheckpointError(f"cannot resume from {self.directory}: the saved arrays do not fit "
                                 f"this run's state ({_first_line(e)})") from e
         local = f"its arrays cannot be read ({type(e).__name__}: {_first_line(e)})"
@@ -469,11 +488,7 @@ class RunCheckpoints:
         note(f"{self.directory}: step {step} has no array digests (an older qsgd_optax wrote it); "
              "resuming from it unverified")
       else:
-        layout, damaged = _mismatches(progress[DIGEST_KEY], tree)
-        if layout:
-          raise CheckpointError(
-              f"cannot resume from {self.directory}: the saved arrays do not fit this run's state "
-              f"({layout[0]}" + (f"; {len(layout) - 1} more" if len(layout) > 1 else "") + ")")
+        damaged = _damaged(progress[DIGEST_KEY], tree)
         if damaged:
           faults.append((step, f"array {damaged[0]} does not match its digest"
                                + (f" ({len(damaged) - 1} more)" if len(damaged) > 1 else "")))
