@@ -3,12 +3,27 @@
 An arm owns one optimizer's buffers and its compiled step (the optimizer
 update alone, :class:`OptimizerArm`, or a Flax train step of an example's model,
 :class:`TrainStepArm`); :func:`interleave` times two arms in alternating
-pairs and returns the case record. Builds and times; prints and writes
-nothing.
+pairs and returns the case record; :func:`balanced` runs it once per build
+order and combines the two. Builds and times; prints and writes nothing.
+
+Why both orders: on XLA:CPU the host side of a call (argument handling,
+output creation, the dispatch itself) is slower for an executable built
+after another one is alive in the process, even for the very same program.
+Three identical AdamW steps at 512 small arrays, built one after the other,
+timed interleaved: 1.00, then 1.08 to 1.16 (the kernels' own durations do
+not follow, 2.8 to 4.7 ms per call; the calls 8.7 against 11.6 to 14.6 ms;
+``bench/build_order.py``). AdamW
+built first and QSGD second read 1.16 and 1.20 at 512 arrays; QSGD first,
+0.97 to 0.99. The bias shrinks with fewer, larger arrays (about 1.02 at 1M
+parameters) but is never zero, so every case is measured in both orders
+and the ratio is the geometric mean of the two (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
+import math
 import statistics
 import time
 from functools import partial
@@ -223,3 +238,52 @@ class TrainStepArm:
 
   def close(self) -> None:
     self.__dict__.clear()
+
+
+def balanced(build, args, name, combo, device, n_params=None, n_leaves=None):
+  """``interleave`` once with AdamW built first and once with QSGD built first.
+
+  ``build(arm_name)`` returns a new arm (``"adamw"`` or ``"qsgd"``); each
+  build order gets half of ``args.pairs`` and of ``args.budget_s`` (at least
+  ``args.min_pairs`` pairs), and its arms are closed before the next order
+  is built. The case's ``ratio`` is the geometric mean of the two orders'
+  median pair ratios; medians, minima, maxima and ``pairs`` are over both;
+  the compile times are the means of the two builds. The run extras carry
+  both orders' ratios and pair counts (``order_ratios``, ``order_pairs``),
+  the pair ratios of both orders in sequence and each build's compile time.
+  ``n_params``/``n_leaves`` default to the AdamW arm's own (train steps).
+  """
+  half = argparse.Namespace(**{**vars(args), "pairs": max(1, -(-args.pairs // 2)),
+                               "budget_s": args.budget_s / 2})
+  phases = {}
+  for first in ("adamw", "qsgd"):
+    arms = {}
+    for arm_name in (first, "qsgd" if first == "adamw" else "adamw"):
+      arms[arm_name] = build(arm_name)
+    adamw, qsgd = arms["adamw"], arms["qsgd"]
+    if n_params is None:
+      n_params, n_leaves = adamw.n_params, adamw.n_leaves
+    phases[first] = interleave(adamw, qsgd, half, name, n_params, n_leaves, combo, device)
+    for arm in arms.values():
+      arm.close()
+    del arms, adamw, qsgd
+    gc.collect()
+  (c1, e1), (c2, e2) = phases["adamw"], phases["qsgd"]
+  times = {arm: e1[f"{arm}_times_ms"] + e2[f"{arm}_times_ms"] for arm in ("adamw", "qsgd")}
+  case = dict(c1)
+  for arm in ("adamw", "qsgd"):
+    case[f"{arm}_ms"] = statistics.median(times[arm])
+    case[f"{arm}_min_ms"] = min(times[arm])
+    case[f"{arm}_max_ms"] = max(times[arm])
+    case[f"compile_s_{arm}"] = (c1[f"compile_s_{arm}"] + c2[f"compile_s_{arm}"]) / 2
+  case["ratio"] = math.sqrt(c1["ratio"] * c2["ratio"])
+  case["pairs"] = c1["pairs"] + c2["pairs"]
+  extras = {
+      "adamw_times_ms": times["adamw"],
+      "qsgd_times_ms": times["qsgd"],
+      "pair_ratios": e1["pair_ratios"] + e2["pair_ratios"],
+      "order_ratios": {"adamw_first": c1["ratio"], "qsgd_first": c2["ratio"]},
+      "order_pairs": {"adamw_first": c1["pairs"], "qsgd_first": c2["pairs"]},
+      "compile_s": {arm: [c1[f"compile_s_{arm}"], c2[f"compile_s_{arm}"]] for arm in ("adamw", "qsgd")},
+  }
+  return case, extras

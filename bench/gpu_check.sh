@@ -6,7 +6,7 @@
 #
 #   bash bench/gpu_check.sh --fetch   # here, with a package index: PennyLane's
 #                                     # wheels (CPython 3.12, manylinux x86-64)
-#                                     # into .whl/ (git-ignored, about 41 MB)
+#                                     # into .whl/ (git-ignored, about 45 MB)
 #   bash bench/gpu_check.sh [OUT]     # on the GPU machine, repository root:
 #                                     # about 8 minutes; results under OUT
 #                                     # (default: $OUT, else out/gpu)
@@ -21,8 +21,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PENNYLANE_WHEELS=(pennylane==0.45.1 pennylane-lightning==0.45.0 appdirs autograd autoray
-                  cachetools diastatic-malt gast rustworkx scipy-openblas32 tomlkit)
+# PennyLane and its dependencies, at the versions of the CPU measurements
+# (pip download --no-deps takes no pins of its own: pennylane 0.45.1 wants
+# autoray 0.8.4 and autograd < 1.9).
+PENNYLANE_WHEELS=(pennylane==0.45.1 pennylane-lightning==0.45.0 appdirs==1.4.4 autograd==1.8.0
+                  autoray==0.8.4 cachetools==8.0.2 diastatic-malt==2.15.3 gast==0.7.0
+                  networkx==3.6.1 requests==2.34.2 rustworkx==0.18.1
+                  scipy-openblas32==0.3.34.481.3 tomlkit==0.15.2)
 
 if [[ "${1:-}" == "--fetch" ]]; then
   mkdir -p .whl
@@ -76,7 +81,7 @@ if [[ $smoke -eq 1 ]]; then
   run 600 python3 bench/step_overhead.py --smoke --train-steps none --out "$out/step_overhead"
 else
   run 150 python3 bench/circuit_forms.py --pairs 100 --budget-s 5 --out "$out/circuit_forms"
-  run 330 python3 bench/step_overhead.py --sizes 1M,8M \
+  run 330 python3 bench/step_overhead.py --sizes 8M \
     --combos paper/leaf/gradient,paper/all/gradient,entangled/all/gradient,sine/all/gradient \
     --leaves 512 --leaf-combos paper/leaf/gradient,paper/leaf/update \
     --pairs 30 --warmup 2 --budget-s 6 --train-steps none --out "$out/step_overhead"

@@ -16,15 +16,21 @@ Method, per case:
   timed with ``time.perf_counter`` on a fresh optimizer, step closure and jit
   object (no trace or compile cache can answer it); one untimed compile on a
   tiny tree at start-up keeps the process's one-time costs out of it;
-* ``--warmup`` untimed calls per arm, then ``--pairs`` interleaved pairs
+* both build orders: the two arms are built AdamW first, timed, closed, then
+  built again QSGD first and timed (an executable built after another one
+  pays a host-side dispatch penalty on XLA:CPU, up to 15% for the very same
+  program at 512 small arrays; ``bench/_timing.py``); each order gets half
+  of ``--pairs`` and of ``--budget-s``;
+* per order, ``--warmup`` untimed calls per arm, then interleaved pairs
   A B A B ..., each call timed up to ``jax.block_until_ready``; buffers are
-  donated, so each call's outputs feed the next call of the same arm. A case
-  stops early once its timed time passes ``--budget-s`` (at least
-  ``--min-pairs`` pairs); the pair count actually run is recorded;
-* reported: medians per arm, ``ratio`` = median over pairs of qsgd / adamw,
-  min and max per arm, the pair count, the two compile times and the two
-  kernel counts (distinct fused computations of each compiled step,
-  ``bench/_hlo.py``).
+  donated, so each call's outputs feed the next call of the same arm. An
+  order stops early once its timed time passes half of ``--budget-s`` (at
+  least ``--min-pairs`` pairs); the pair counts actually run are recorded;
+* reported: medians per arm over both orders, ``ratio`` = the geometric mean
+  of the two orders' median pair ratios qsgd / adamw (each order's ratio in
+  the run record, ``order_ratios``), min and max per arm, the pair count,
+  the compile times (means of the two builds) and the two kernel counts
+  (distinct fused computations of each compiled step, ``bench/_hlo.py``).
 
 Examples::
 
@@ -43,7 +49,6 @@ per-pair times in ms); the CLI arguments, library versions and XLA flags.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -56,7 +61,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import LEARNING_RATE, QUANTUM_WEIGHT, WEIGHT_DECAY, OptimizerArm, TrainStepArm, interleave, warm_process  # noqa: E402
+from _timing import LEARNING_RATE, QUANTUM_WEIGHT, WEIGHT_DECAY, OptimizerArm, TrainStepArm, balanced, warm_process  # noqa: E402
 from _trees import SEED, count_params, layout_for_size, many_leaf_shapes, parse_size, transformer_shapes  # noqa: E402
 
 from qsgd_optax.tasks import cli  # noqa: E402
@@ -229,19 +234,14 @@ def run_case(label: str, n_target: int, combo, args, device: str):
   d, n_layers, vocab = layout_for_size(n_target)
   shapes = transformer_shapes(d, n_layers, vocab)
   n_params, n_leaves = count_params(shapes)
-  adamw = OptimizerArm("adamw", None, shapes)
-  qsgd = OptimizerArm("qsgd", combo, shapes)
-  case, extras = interleave(adamw, qsgd, args, f"{label} {'/'.join(combo)}", n_params,
-                             n_leaves, combo, device)
+  case, extras = balanced(lambda arm: OptimizerArm(arm, combo if arm == "qsgd" else None, shapes),
+                          args, f"{label} {'/'.join(combo)}", combo, device, n_params, n_leaves)
   targets = check_targets(case, n_target)
   if targets:
     case["target"] = "; ".join(targets)
     case["meets_target"] = all(targets.values())
   extras.update({"size": label, "d_model": d, "n_layers": n_layers, "vocab": vocab,
                  "targets_met": targets})
-  adamw.close()
-  qsgd.close()
-  gc.collect()
   return case, extras
 
 
@@ -260,26 +260,21 @@ def run_leaves_case(n_leaves: int, combo, args, device: str):
   """Times one (leaf count, combination) case of the many-small-arrays sweep."""
   shapes = many_leaf_shapes(n_leaves)
   n_params, n_leaves = count_params(shapes)
-  adamw = OptimizerArm("adamw", None, shapes)
-  qsgd = OptimizerArm("qsgd", combo, shapes)
-  case, extras = interleave(adamw, qsgd, args, f"{n_leaves} leaves {'/'.join(combo)}", n_params,
-                            n_leaves, combo, device)
+  case, extras = balanced(lambda arm: OptimizerArm(arm, combo if arm == "qsgd" else None, shapes),
+                          args, f"{n_leaves} leaves {'/'.join(combo)}", combo, device, n_params,
+                          n_leaves)
   targets = check_leaf_targets(case)
   case["target"] = "; ".join(targets)
   case["meets_target"] = all(targets.values())
   extras.update({"size": f"{n_leaves} leaves", "targets_met": targets})
-  adamw.close()
-  qsgd.close()
-  gc.collect()
   return case, extras
 
 
 def run_train_case(task: str, combo, args, device: str):
   """Times the full train step of ``task``, AdamW vs QSGD ``combo``."""
-  adamw = TrainStepArm(task, "adamw", None, args.smoke)
-  qsgd = TrainStepArm(task, "qsgd", combo, args.smoke)
-  case, extras = interleave(adamw, qsgd, args, f"train {task} {'/'.join(combo)}",
-                             adamw.n_params, adamw.n_leaves, combo, device)
+  case, extras = balanced(
+      lambda arm: TrainStepArm(task, arm, combo if arm == "qsgd" else None, args.smoke),
+      args, f"train {task} {'/'.join(combo)}", combo, device)
   (scope_circuit, limit) = TRAIN_TARGET
   targets = {}
   if (combo[0], combo[1]) == scope_circuit:
@@ -287,9 +282,6 @@ def run_train_case(task: str, combo, args, device: str):
     case["target"] = "; ".join(targets)
     case["meets_target"] = all(targets.values())
   extras.update({"size": f"train {task}", "targets_met": targets})
-  adamw.close()
-  qsgd.close()
-  gc.collect()
   return case, extras
 
 

@@ -81,7 +81,17 @@ def test_smoke_summary_is_consistent(smoke):
       assert med == pytest.approx(statistics.median(times))
       assert (lo, hi) == (min(times), max(times))
     ratios = [b / a for a, b in zip(run["adamw_times_ms"], run["qsgd_times_ms"])]
-    assert case["ratio"] == pytest.approx(statistics.median(ratios))
+    assert run["pair_ratios"] == pytest.approx(ratios)
+    # Both build orders, one after the other: the ratio is the geometric mean of theirs.
+    n_first = run["order_pairs"]["adamw_first"]
+    assert n_first + run["order_pairs"]["qsgd_first"] == case["pairs"] and n_first >= 1
+    by_order = {"adamw_first": statistics.median(ratios[:n_first]),
+                "qsgd_first": statistics.median(ratios[n_first:])}
+    assert run["order_ratios"] == pytest.approx(by_order)
+    assert case["ratio"] == pytest.approx(math.sqrt(by_order["adamw_first"] * by_order["qsgd_first"]))
+    for arm in ("adamw", "qsgd"):
+      assert len(run["compile_s"][arm]) == 2
+      assert case[f"compile_s_{arm}"] == pytest.approx(statistics.mean(run["compile_s"][arm]))
     assert 0 < case["ratio"] and math.isfinite(case["ratio"])
     assert case["compile_s_adamw"] > 0 and case["compile_s_qsgd"] > 0
     # Distinct fused computations: the QNode adds its own kernels; the sine

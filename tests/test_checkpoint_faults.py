@@ -354,3 +354,20 @@ def test_lm_resume_over_a_damaged_checkpoint_equals_an_uninterrupted_run(tmp_pat
   assert resumed["resumed_at"] == 2
   for key in ("loss_curve", "mean_loss", "final_loss", "eval_loss_after", "micro_steps"):
     assert resumed[key] == reference[key], key
+
+
+def test_targets_that_restore_as_the_saved_layout_are_accepted(tmp_path):
+  """No false refusal: no target, abstract leaves, and a float64 leaf that JAX (x64 off) reads as float32."""
+  _two_steps(tmp_path)
+  saved = _tree(2.0)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved)
+  wide = {**abstract, "w": jax.ShapeDtypeStruct((4096,), np.float64)}
+  for target in (None, abstract, wide):
+    ckpt = _checkpoints.RunCheckpoints(tmp_path, {"run": 1}, keep=3, resume=True)
+    try:
+      tree, progress = ckpt.restore(target)
+    finally:
+      ckpt.close()
+    assert progress["step"] == 2
+    for key in saved:
+      np.testing.assert_array_equal(np.asarray(tree[key]), np.asarray(saved[key]))

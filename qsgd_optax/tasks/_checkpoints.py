@@ -179,7 +179,7 @@ def _layout_mismatches(saved: Mapping[str, str], target: Any) -> list[str]:
   configuration is told apart from damage without depending on Orbax's error messages.
   """
   flat = jax.tree_util.tree_flatten_with_path(target)[0]
-  kinds = {jax.tree_util.keystr(path): _kind(x) for path, x in flat}
+  kinds = {jax.tree_util.keystr(path): _target_kind(x) for path, x in flat}
   layout = []
   for path, kind in kinds.items():
     want = saved.get(path)
@@ -189,6 +189,20 @@ def _layout_mismatches(saved: Mapping[str, str], target: Any) -> list[str]:
   layout += [f"{path} is {want.split(':')[0]} in the checkpoint, absent in this run"
              for path, want in saved.items() if path not in kinds]
   return layout
+
+
+def _target_kind(x: Any) -> str:
+  """:func:`_kind` of a restore target's leaf, as the restored array will be.
+
+  A ``ShapeDtypeStruct`` or NumPy leaf may name a dtype JAX does not use (float64 with x64
+  off): it restores as the canonical one. A Python scalar leaf has no ``dtype`` of its own.
+  """
+  dtype = getattr(x, "dtype", None)
+  if dtype is None:
+    dtype = np.asarray(x).dtype
+  if not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    dtype = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+  return f"{dtype}{list(np.shape(x))}"
 
 
 def _damaged(saved: Mapping[str, str], tree: Any) -> list[str]:
@@ -423,7 +437,10 @@ class RunCheckpoints:
     again. Every process takes the same decision.
 
     Args:
-      target: a pytree like the saved one.
+      target: a pytree like the saved one (arrays or ``jax.ShapeDtypeStruct``
+        leaves); its paths, dtypes and shapes are compared with the step's
+        digest record before any array is read. ``None`` restores the arrays
+        as saved.
       check: called with a step's progress record before its arrays are
         read; a CheckpointError it raises (a checkpoint of another layout)
         is not a damaged checkpoint: it stops the restore.
@@ -463,7 +480,7 @@ class RunCheckpoints:
         continue
       if check is not None:
         check(progress)
-      if saved is not None:
+      if saved is not None and target is not None:  # None: restore as saved, any layout
         layout = _layout_mismatches(saved, target)
         if layout:
           raise CheckpointError(
