@@ -35,13 +35,14 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import LEARNING_RATE, WEIGHT_DECAY  # noqa: E402
+from _timing import LEARNING_RATE, WEIGHT_DECAY, make_step  # noqa: E402
 from _trees import count_params, layout_for_size, make_trees, many_leaf_shapes, parse_size, transformer_shapes  # noqa: E402
+
+from qsgd_optax.tasks import cli  # noqa: E402
 
 DEFAULT_OUT = Path("bench") / "results" / "build_order"
 SMOKE = dict(trees="8", arms=2, rounds=5, warmup=1)
@@ -64,29 +65,17 @@ def _trees_arg(text: str) -> list[str]:
   return out
 
 
-def _int_at_least(low: int):
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      value = low - 1
-    if value < low:
-      raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-    return value
-  return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--trees", type=_trees_arg, default=_trees_arg("512,128,1M"),
                  help="comma list: an even number is that many small arrays (64 x 96 kernels and "
                       "96-entry biases), a size such as 1M a transformer-shaped tree "
                       "(default: 512,128,1M)")
-  p.add_argument("--arms", type=_int_at_least(2), default=3,
+  p.add_argument("--arms", type=cli.int_arg(2), default=3,
                  help="identical arms built one after the other (default: 3)")
-  p.add_argument("--rounds", type=_int_at_least(1), default=100,
+  p.add_argument("--rounds", type=cli.int_arg(1), default=100,
                  help="interleaved rounds of all arms (default: 100)")
-  p.add_argument("--warmup", type=_int_at_least(1), default=3, help="untimed calls per arm (default: 3)")
+  p.add_argument("--warmup", type=cli.int_arg(1), default=3, help="untimed calls per arm (default: 3)")
   p.add_argument("--timing-order", choices=("build", "reverse"), default="build",
                  help="time the arms in build order or in reverse within each round (default: build)")
   p.add_argument("--kernels", action="store_true",
@@ -102,18 +91,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.trees = _trees_arg(SMOKE["trees"])
     args.arms, args.rounds, args.warmup = SMOKE["arms"], SMOKE["rounds"], SMOKE["warmup"]
   return args
-
-
-def make_step(tx):
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-
-  @partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  return step
 
 
 def run_tree(tree: str, args) -> dict:

@@ -55,20 +55,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import make_step, make_tx, warm_process  # noqa: E402
 from _trees import layout_for_size, make_trees, many_leaf_shapes, parse_size, transformer_shapes  # noqa: E402
 
+from qsgd_optax.tasks import cli  # noqa: E402
+
 DEFAULT_OUT = Path("bench") / "results" / "profile_kernels"
 SMOKE = dict(leaves=4, calls=3, compiles=1, circuit_batch=8)
 # Entry-computation instructions that run no kernel of their own.
 _NO_KERNEL = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element"}
-
-
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-  return value
 
 
 def _combo(text: str) -> tuple[str, str, str]:
@@ -92,19 +84,19 @@ def _size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   tree = p.add_mutually_exclusive_group()
-  tree.add_argument("--leaves", type=_positive_int, default=None,
+  tree.add_argument("--leaves", type=cli.int_arg(1), default=None,
                     help="that many small arrays (64 x 96 kernels and 96-entry biases; even)")
   tree.add_argument("--size", type=_size, default=None,
                     help="a transformer-shaped tree of about that many parameters (e.g. 1M)")
   p.add_argument("--combo", type=_combo, default=("paper", "leaf", "gradient"),
                  help="circuit/scope/modulate of the QSGD arm (default: paper/leaf/gradient)")
-  p.add_argument("--calls", type=_positive_int, default=30, help="profiled steps per arm (default: 30)")
-  p.add_argument("--compiles", type=_positive_int, default=2,
+  p.add_argument("--calls", type=cli.int_arg(1), default=30, help="profiled steps per arm (default: 30)")
+  p.add_argument("--compiles", type=cli.int_arg(1), default=2,
                  help="timed compiles per arm, each on a fresh optimizer (default: 2)")
-  p.add_argument("--circuit-batch", type=_positive_int, default=None,
+  p.add_argument("--circuit-batch", type=cli.int_arg(1), default=None,
                  help="also profile the built-in circuit alone on this many registers")
-  p.add_argument("--n-qubits", type=_positive_int, default=4, help="register size (default: 4)")
-  p.add_argument("--top", type=_positive_int, default=12, help="kinds printed per table (default: 12)")
+  p.add_argument("--n-qubits", type=cli.int_arg(1), default=4, help="register size (default: 4)")
+  p.add_argument("--top", type=cli.int_arg(1), default=12, help="kinds printed per table (default: 12)")
   p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
   p.add_argument("--smoke", action="store_true",
                  help="tiny run for tests: 4 arrays, 3 calls, 1 compile, circuit on 8 registers")
