@@ -33,9 +33,10 @@ compiles one kernel for all of them; leaves of one shape share one mask
 (:func:`head_mask`). The placement is written in ``lax`` operations
 (``gather``, ``pad``, ``select``), not ``jnp.where``/``jnp.pad``, which are
 jitted functions and would put one call per leaf into the program.
-For ``"all"`` registers are evaluated in bounded chunks
-(:data:`qsgd_optax.circuits.MAX_CHUNK_AMPLITUDES`), per shard where the
-leaf is explicitly sharded.
+For ``"all"`` the registers of all unsharded leaves of one precision go
+through the circuit in one call (:func:`_modulation_all`), evaluated in
+bounded chunks (:data:`qsgd_optax.circuits.MAX_CHUNK_AMPLITUDES`); an
+explicitly sharded leaf is evaluated per shard.
 """
 
 from __future__ import annotations
@@ -325,6 +326,43 @@ def _registers_all(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
   return out
 
 
+def _modulation_all(ps, modulator: _circuits.Modulator) -> list[jax.Array]:
+  """:func:`_registers_all` of every leaf of ``ps``, the circuit called once per precision.
+
+  The registers of all unsharded leaves of one precision are concatenated
+  (each leaf's entries row-major, its last register zero-padded) and go
+  through the circuit in one call (chunked like any large batch), and each
+  leaf takes its slice of the result back: the statevector simulation is
+  emitted once instead of once per leaf, which is most of the compile time
+  of scope ``"all"`` with many arrays. The registers are the same as
+  :func:`_registers_all`'s, so are the values. Explicitly sharded leaves
+  keep their own call (each device simulates its shard's registers), and so
+  does the closed form, which needs no registers.
+  """
+  out: list = [None] * len(ps)
+  groups: dict = {}
+  for i, p in enumerate(ps):
+    if modulator.elementwise or _explicit_sharding(p) is not None:
+      out[i] = _registers_all(p, modulator)
+    else:
+      groups.setdefault(jnp.dtype(jnp.promote_types(p.dtype, jnp.float32)), []).append(i)
+  n = modulator.n_qubits
+  for dtype, idx in groups.items():
+    if len(idx) == 1:
+      out[idx[0]] = _registers_all(ps[idx[0]], modulator)
+      continue
+    regs = []
+    for i in idx:
+      flat = ps[i].astype(dtype).reshape(-1)
+      regs.append(_padded(flat, -(-flat.shape[0] // n) * n).reshape(-1, n))
+    m = modulator(jnp.concatenate(regs)).reshape(-1)
+    offset = 0
+    for i, r in zip(idx, regs):
+      out[i] = m[offset:offset + ps[i].size].reshape(ps[i].shape)
+      offset += r.shape[0] * n
+  return out
+
+
 def add_term(
     updates,
     params,
@@ -404,8 +442,8 @@ def _term(ps, us, xs, weight, *, modulator, scope, multiplicative):
   n = modulator.n_qubits
   dtypes = [jnp.promote_types(u.dtype, jnp.float32) for u in us]
   if scope == "all":
-    return [_combine(u, x, True, weight * _registers_all(p, modulator).astype(dt),
-                     multiplicative) for p, u, x, dt in zip(ps, us, xs, dtypes)]
+    return [_combine(u, x, True, weight * m.astype(dt), multiplicative)
+            for m, u, x, dt in zip(_modulation_all(ps, modulator), us, xs, dtypes)]
 
   # Registers in the parameters' precision (at least float32).
   ftype = jnp.result_type(jnp.float32, *(p.dtype for p in ps))

@@ -119,6 +119,38 @@ def test_scope_model_register_spans_leaves():
   assert masks["c"].tolist() == [False, False]
 
 
+def test_scope_all_simulates_every_leaf_of_a_precision_in_one_circuit_call(rng):
+  """The registers of all (unsharded) leaves go through the circuit together, once.
+
+  Counted on a user callable (traced afresh on every update); the values are checked against
+  the closed form sin(pi * theta), which the paper QNode equals, leaf by leaf, including
+  leaves whose size is not a multiple of the register (their last register zero-padded).
+  """
+  qnode = qsgd_optax.circuits.make_qnode(4)
+  calls = []
+
+  def counting(theta):
+    calls.append(theta.shape)
+    return qnode(theta)
+
+  params = mixed_tree(rng)
+  params["half"] = jnp.asarray(rng.uniform(-2, 2, size=(3, 3)), jnp.bfloat16)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+  tx = qsgd_optax.superpose(optax.identity(), 0.5, 4, circuit=counting, scope="all",
+                            modulate="gradient")
+  calls.clear()  # the factory's own check of the callable's output shape
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # One call: every leaf is float32 or bfloat16 (registers in float32), padded per leaf.
+  registers = sum(-(-p.size // 4) for p in jax.tree.leaves(params))
+  assert calls == [(registers, 4)]
+  for key, p in params.items():
+    theta = np.asarray(p, np.float64)
+    want = np.asarray(grads[key], np.float64) * (1 + 0.5 * np.sin(np.pi * theta))
+    # float32 circuit (atol 3e-6 on M) times |g| <= 5; bfloat16 leaves round to 8 bits.
+    tol = 3e-2 if p.dtype == jnp.bfloat16 else 2e-5
+    np.testing.assert_allclose(np.asarray(updates[key], np.float64), want, atol=tol, err_msg=key)
+
+
 def test_integer_and_empty_leaves_pass_through(rng):
   params = {"w": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32),
             "steps": jnp.arange(3), "empty": jnp.zeros((0, 4))}
