@@ -6,17 +6,18 @@ update alone, :class:`OptimizerArm`, or a Flax train step of an example's model,
 pairs and returns the case record; :func:`balanced` runs it once per build
 order and combines the two. Builds and times; prints and writes nothing.
 
-Why both orders: on XLA:CPU the host side of a call (argument handling,
-output creation, the dispatch itself) is slower for an executable built
-after another one is alive in the process, even for the very same program.
-Three identical AdamW steps at 512 small arrays, built one after the other,
-timed interleaved: 1.00, then 1.08 to 1.16 (the kernels' own durations do
-not follow, 2.8 to 4.7 ms per call; the calls 8.7 against 11.6 to 14.6 ms;
-``bench/build_order.py``). AdamW
-built first and QSGD second read 1.16 and 1.20 at 512 arrays; QSGD first,
-0.97 to 0.99. The bias shrinks with fewer, larger arrays (about 1.02 at 1M
-parameters) but is never zero, so every case is measured in both orders
-and the ratio is the geometric mean of the two (bench/RESULTS.md).
+Why both orders: with jaxlib 0.10.2 on XLA:CPU and glibc's malloc, the
+host side of a call is slower for an executable built after another one is
+alive in the process, even for the very same program. Three identical
+AdamW steps at 512 small arrays, built one after the other, timed
+interleaved: 1.00, 1.16, 1.13 in the stored run of ``bench/build_order.py``
+(1.07 to 1.19 in others), while the kernels' own durations do not follow.
+It follows the executable, not its buffers; it is absent with jax 0.7.1,
+gone under jemalloc (``LD_PRELOAD``, which also makes the step about 30%
+faster) and mostly gone with ``MALLOC_ARENA_MAX=1``: an allocator effect,
+not the optimizer's. At 128 arrays it is 1.02 to 1.06, at 1M parameters
+within noise. Measuring each case in both orders and taking the geometric
+mean of the two ratios removes it to first order (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -247,19 +248,23 @@ def balanced(build, args, name, combo, device, n_params=None, n_leaves=None):
   build order gets half of ``args.pairs`` and of ``args.budget_s`` (at least
   ``args.min_pairs`` pairs), and its arms are closed before the next order
   is built. The case's ``ratio`` is the geometric mean of the two orders'
-  median pair ratios; medians, minima, maxima and ``pairs`` are over both;
-  the compile times are the means of the two builds. The run extras carry
-  both orders' ratios and pair counts (``order_ratios``, ``order_pairs``),
-  the pair ratios of both orders in sequence and each build's compile time.
+  median pair ratios; medians, minima, maxima and ``pairs`` are over both.
+  The compile times are those of each arm's first build: the second build
+  of QSGD reuses the trace of the term cached in the process, so its compile
+  is not a fresh one. The run extras carry both orders' ratios and pair
+  counts (``order_ratios``, ``order_pairs``), the orders as built
+  (``build_orders``), the pair ratios of both orders in sequence and each
+  build's compile time (``compile_s``, first build first).
   ``n_params``/``n_leaves`` default to the AdamW arm's own (train steps).
   """
   half = argparse.Namespace(**{**vars(args), "pairs": max(1, -(-args.pairs // 2)),
                                "budget_s": args.budget_s / 2})
-  phases = {}
+  phases, built = {}, []
   for first in ("adamw", "qsgd"):
     arms = {}
     for arm_name in (first, "qsgd" if first == "adamw" else "adamw"):
       arms[arm_name] = build(arm_name)
+    built.append(list(arms))
     adamw, qsgd = arms["adamw"], arms["qsgd"]
     if n_params is None:
       n_params, n_leaves = adamw.n_params, adamw.n_leaves
@@ -275,7 +280,7 @@ def balanced(build, args, name, combo, device, n_params=None, n_leaves=None):
     case[f"{arm}_ms"] = statistics.median(times[arm])
     case[f"{arm}_min_ms"] = min(times[arm])
     case[f"{arm}_max_ms"] = max(times[arm])
-    case[f"compile_s_{arm}"] = (c1[f"compile_s_{arm}"] + c2[f"compile_s_{arm}"]) / 2
+    case[f"compile_s_{arm}"] = c1[f"compile_s_{arm}"]  # the first, fresh build
   case["ratio"] = math.sqrt(c1["ratio"] * c2["ratio"])
   case["pairs"] = c1["pairs"] + c2["pairs"]
   extras = {
@@ -284,6 +289,7 @@ def balanced(build, args, name, combo, device, n_params=None, n_leaves=None):
       "pair_ratios": e1["pair_ratios"] + e2["pair_ratios"],
       "order_ratios": {"adamw_first": c1["ratio"], "qsgd_first": c2["ratio"]},
       "order_pairs": {"adamw_first": c1["pairs"], "qsgd_first": c2["pairs"]},
+      "build_orders": built,
       "compile_s": {arm: [c1[f"compile_s_{arm}"], c2[f"compile_s_{arm}"]] for arm in ("adamw", "qsgd")},
   }
   return case, extras

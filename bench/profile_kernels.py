@@ -10,9 +10,11 @@ this builds the jitted, buffer-donating optimizer step of
   ``.compile()`` in process CPU seconds, on ``--compiles`` fresh optimizers
   each, after one untimed compile on a tiny tree;
 * per kernel kind (an instruction of the compiled program's entry
-  computation, its numeric suffix dropped: ``multiply_add_fusion.47`` is
-  ``multiply_add_fusion``), the launches and the summed kernel duration per
-  step, read from JAX's profiler (``jax.profiler.start_trace`` around
+  computation or of its loops' bodies, its numeric suffix dropped:
+  ``multiply_add_fusion.47`` is ``multiply_add_fusion``; a kernel inside a
+  loop, such as the chunks of scope ``"all"``, counts once per iteration),
+  the launches and the summed kernel duration per step, read from JAX's
+  profiler (``jax.profiler.start_trace`` around
   ``--calls`` steps per arm, read back with ``jax.profiler.ProfileData``);
 * with ``--circuit-batch B``, the same table for the built-in circuit alone
   on ``B`` registers of ``--n-qubits``.
@@ -59,8 +61,10 @@ from qsgd_optax.tasks import cli  # noqa: E402
 
 DEFAULT_OUT = Path("bench") / "results" / "profile_kernels"
 SMOKE = dict(leaves=4, calls=3, compiles=1, circuit_batch=8)
-# Entry-computation instructions that run no kernel of their own.
-_NO_KERNEL = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element"}
+# Instructions that run no kernel of their own (loops and conditionals are
+# containers: their bodies' kernels are counted instead, so no time twice).
+_NO_KERNEL = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "while",
+              "conditional", "call"}
 
 
 def _combo(text: str) -> tuple[str, str, str]:
@@ -128,13 +132,41 @@ def _shapes(args):
   return transformer_shapes(*layout_for_size(args.size))
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
+_CALLED = re.compile(r"(?:body|condition|true_computation|false_computation)=%?([\w.\-]+)"
+                     r"|branch_computations=\{([^}]*)\}")
+
+
 def kernel_names(hlo_text: str) -> set[str]:
-  """Names of the entry computation's instructions that run a kernel (fusions, dots, copies, ...)."""
-  entry = hlo_text[hlo_text.index("\nENTRY"):]
-  names = set()
-  for name, opcode in re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? ([\w\-]+)\(", entry, re.M):
-    if opcode not in _NO_KERNEL:
-      names.add(name)
+  """Names of the instructions that run a kernel (fusions, dots, copies, loops, ...).
+
+  Those of the entry computation and, recursively, of the bodies, conditions
+  and branches of its loops and conditionals (a kernel inside a loop runs,
+  and is counted, once per iteration); fused computations are not entered.
+  """
+  computations, current = {}, None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      header = line.split(" (", 1)[0].split()
+      current = header[-1].lstrip("%")
+      computations[current] = {"entry": header[0] == "ENTRY", "lines": []}
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      computations[current]["lines"].append(line)
+  todo = [name for name, c in computations.items() if c["entry"]]
+  seen, names = set(), set()
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in computations:
+      continue
+    seen.add(name)
+    for line in computations[name]["lines"]:
+      m = _INSTRUCTION.match(line)
+      if m and m.group(2) not in _NO_KERNEL:
+        names.add(m.group(1))
+      for single, many in _CALLED.findall(line):
+        todo += [single] if single else [c.strip().lstrip("%") for c in many.split(",")]
   return names
 
 

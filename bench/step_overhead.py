@@ -14,13 +14,15 @@ Method, per case:
 
 * compile time: ``jax.jit(step, donate_argnums=(0, 1)).lower(...).compile()``
   timed with ``time.perf_counter`` on a fresh optimizer, step closure and jit
-  object (no trace or compile cache can answer it); one untimed compile on a
+  object, reported for each arm's first build (the second build of QSGD
+  reuses the term's trace cached in the process; a persistent
+  ``JAX_COMPILATION_CACHE_DIR`` would answer both); one untimed compile on a
   tiny tree at start-up keeps the process's one-time costs out of it;
 * both build orders: the two arms are built AdamW first, timed, closed, then
-  built again QSGD first and timed (an executable built after another one
-  pays a host-side dispatch penalty on XLA:CPU, up to 15% for the very same
-  program at 512 small arrays; ``bench/_timing.py``); each order gets half
-  of ``--pairs`` and of ``--budget-s``;
+  built again QSGD first and timed (with jaxlib 0.10.2 and glibc's malloc an
+  executable built after another one pays a host-side penalty, 1.16 for the
+  very same program at 512 small arrays; ``bench/_timing.py``); each order
+  gets half of ``--pairs`` (rounded up) and of ``--budget-s``;
 * per order, ``--warmup`` untimed calls per arm, then interleaved pairs
   A B A B ..., each call timed up to ``jax.block_until_ready``; buffers are
   donated, so each call's outputs feed the next call of the same arm. An
@@ -29,7 +31,7 @@ Method, per case:
 * reported: medians per arm over both orders, ``ratio`` = the geometric mean
   of the two orders' median pair ratios qsgd / adamw (each order's ratio in
   the run record, ``order_ratios``), min and max per arm, the pair count,
-  the compile times (means of the two builds) and the two kernel counts
+  the compile times (first builds) and the two kernel counts
   (distinct fused computations of each compiled step, ``bench/_hlo.py``).
 
 Examples::
@@ -165,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"output folder for summary.json and {PNG_NAME} (default: %(default)s)")
   parser.add_argument("--smoke", action="store_true",
                       help=f"tiny run for tests: sizes {SMOKE['sizes']}, combos {SMOKE['combos']},"
-                           f" {SMOKE['pairs']} pairs, {SMOKE['warmup']} warm-up call")
+                           f" {SMOKE['pairs']} pairs (3 per build order), {SMOKE['warmup']} "
+                           "warm-up call")
   parser.add_argument("--sizes", type=_sizes_arg, default=None,
                       help=f"comma list of parameter counts (default: {DEFAULT_SIZES})")
   parser.add_argument("--combos", type=_combos_arg, default=None,
@@ -173,12 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{'|'.join(CIRCUITS)}, scope in {'|'.join(SCOPES)}, modulate in "
                            f"{'|'.join(MODULATES)} (default: {DEFAULT_COMBOS})")
   parser.add_argument("--pairs", type=cli.int_arg(1), default=None,
-                      help=f"interleaved adamw/qsgd pairs per case (default: {DEFAULTS['pairs']})")
+                      help="interleaved adamw/qsgd pairs per case, half in each build order "
+                           f"(an odd count rounds up) (default: {DEFAULTS['pairs']})")
   parser.add_argument("--warmup", type=cli.int_arg(0), default=None,
                       help=f"untimed calls per arm before timing (default: {DEFAULTS['warmup']})")
   parser.add_argument("--budget-s", type=_seconds_arg, default=None,
-                      help="stop a case early once its timed time (both arms) passes this "
-                           f"(default: {DEFAULTS['budget_s']:g})")
+                      help="stop a build order early once its timed time (both arms) passes half "
+                           f"of this (default: {DEFAULTS['budget_s']:g})")
   parser.add_argument("--train-steps", type=cli.names_arg(TRAIN_TASKS, empty="none"), default=None,
                       help="comma list of full Flax train steps to time too, from "
                            f"{'|'.join(TRAIN_TASKS)}, or 'none' (default: {DEFAULT_TRAIN})")
@@ -188,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--leaf-combos", type=_combos_arg, default=None, metavar="COMBOS",
                       help=f"combinations timed in the leaf sweep (default: {LEAF_COMBOS})")
   parser.add_argument("--min-pairs", type=cli.int_arg(1), default=None,
-                      help=f"pairs run even past the budget (default: {DEFAULTS['min_pairs']})")
+                      help="pairs run in each build order even past the budget "
+                           f"(default: {DEFAULTS['min_pairs']})")
   return parser
 
 
@@ -351,7 +356,8 @@ def plot(cases: list[dict], runs: list[dict], path: Path) -> None:
   for i, r in enumerate(ratios):
     ax.annotate(f"{r:.2f}", (i, r), xytext=(0, 2), textcoords="offset points",
                 ha="center", va="bottom", fontsize=7)
-  ax.set_ylabel("qsgd / adamw step time\n(median of pairs, 25th-75th pct)")
+  ax.set_ylabel("qsgd / adamw step time (geometric mean\nof both build orders' medians; "
+                "25th-75th pct of pairs)")
   ax.set_title("QSGD optimizer-step overhead vs optax.adamw "
                "(green/red: meets/misses its ratio target)", fontsize=10)
   ax.legend(loc="upper left", fontsize=8)

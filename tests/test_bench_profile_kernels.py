@@ -51,3 +51,41 @@ def test_bad_arguments_are_named():
   assert proc.returncode == 2 and "--combo" in proc.stderr
   proc = _run("--leaves", "4", "--size", "1M")
   assert proc.returncode == 2 and "not allowed with" in proc.stderr
+
+
+def _profile_kernels_module():
+  sys.path.insert(0, str(ROOT / "bench"))
+  try:
+    import profile_kernels  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(ROOT / "bench"))
+  return profile_kernels
+
+
+def test_kernels_inside_loops_are_found_and_counted_per_iteration():
+  """A loop carrying six arrays (its tuple type prints /*index=5*/): the body's kernels count,
+  once per iteration; the loop itself is a container, not a kernel of its own."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  pk = _profile_kernels_module()
+
+  def body(i, carry):
+    return tuple(jnp.sin(c) * (i + 1.5) for c in carry)
+
+  fn = jax.jit(lambda *xs: jax.lax.fori_loop(0, 3, body, xs))
+  xs = tuple(jnp.full((64, 64), float(k)) for k in range(6))
+  compiled = fn.lower(*xs).compile()
+  text = compiled.as_text()
+  names = pk.kernel_names(text)
+  assert "/*index=5*/" in text and " while(" in text
+  assert not any(n.startswith("while") for n in names)
+  sines = [n for n in names if pk._kind(n).startswith("sine")]  # pylint: disable=protected-access
+  assert sines, "the loop body's kernels are found"
+  entry = text[text.index("\nENTRY"):]
+  assert not any(f"%{n} = " in entry for n in sines)  # they live in the body only
+  if EVENTS:
+    record = pk.profile(lambda: jax.block_until_ready(compiled(*xs)), names, 3)
+    per_call = {r["kind"]: r["launches_per_call"] for r in record["rows"]}
+    for kind in {pk._kind(n) for n in sines}:  # pylint: disable=protected-access
+      instances = sum(pk._kind(n) == kind for n in sines)  # pylint: disable=protected-access
+      assert per_call[kind] == 3 * instances, per_call

@@ -371,3 +371,22 @@ def test_targets_that_restore_as_the_saved_layout_are_accepted(tmp_path):
     assert progress["step"] == 2
     for key in saved:
       np.testing.assert_array_equal(np.asarray(tree[key]), np.asarray(saved[key]))
+
+
+def test_an_optimizer_state_restores_without_a_target(tmp_path):
+  """Orbax gives NamedTuple states back as dicts and tuples as lists: the same arrays, verified."""
+  import optax  # pylint: disable=g-import-not-at-top
+
+  params = {"w": jnp.arange(6, dtype=jnp.float32)}
+  state = {"params": params, "opt": optax.adamw(1e-3).init(params)}
+  ckpt = _checkpoints.RunCheckpoints(tmp_path, {"run": 1}, keep=3, resume=False)
+  ckpt.save(1, state, {"step": 1})
+  ckpt.close()
+  ckpt = _checkpoints.RunCheckpoints(tmp_path, {"run": 1}, keep=3, resume=True)
+  try:
+    tree, progress = ckpt.restore(None)
+  finally:
+    ckpt.close()
+  assert progress["step"] == 1
+  want = sorted(np.asarray(x).tobytes() for x in jax.tree.leaves(state))
+  assert sorted(np.asarray(x).tobytes() for x in jax.tree.leaves(tree)) == want

@@ -205,9 +205,19 @@ def _target_kind(x: Any) -> str:
   return f"{dtype}{list(np.shape(x))}"
 
 
+def _plain_path(path: str) -> str:
+  """A key path with attribute keys written as dict keys: ``.count`` -> ``['count']``.
+
+  Restored without a target, Orbax gives NamedTuples, dataclasses and flax structs back as
+  dicts (and tuples as lists), whose paths then differ from the saved ones only in this.
+  """
+  return re.sub(r"\.([A-Za-z_]\w*)", r"['\1']", path)
+
+
 def _damaged(saved: Mapping[str, str], tree: Any) -> list[str]:
   """Paths of ``tree`` whose digest differs from the record (the layout already agrees)."""
-  return [path for path, d in digests(tree).items() if saved.get(path) != d]
+  record = {_plain_path(path): d for path, d in saved.items()}
+  return [path for path, d in digests(tree).items() if record.get(_plain_path(path)) != d]
 
 
 # The files of a step, hashed after the save by the process that wrote them
