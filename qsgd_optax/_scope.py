@@ -33,10 +33,11 @@ compiles one kernel for all of them; leaves of one shape share one mask
 (:func:`head_mask`). The placement is written in ``lax`` operations
 (``gather``, ``pad``, ``select``), not ``jnp.where``/``jnp.pad``, which are
 jitted functions and would put one call per leaf into the program.
-For ``"all"`` the registers of all unsharded leaves of one precision go
-through the circuit in one call (:func:`_modulation_all`), evaluated in
-bounded chunks (:data:`qsgd_optax.circuits.MAX_CHUNK_AMPLITUDES`); an
-explicitly sharded leaf is evaluated per shard.
+For ``"all"`` the registers of all leaves of one precision go through the
+circuit in one call on a single device (:func:`_modulation_all`; per leaf
+with several devices), evaluated in bounded chunks
+(:data:`qsgd_optax.circuits.MAX_CHUNK_AMPLITUDES`); an explicitly sharded
+leaf is evaluated per shard.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ def _registers_all(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
   divisible by ``n``; otherwise only the last dim is gathered. A leaf whose
   last dim is not divisible by ``n`` has registers spanning rows: it is
   gathered whole and the result resharded back. Under Auto axes alone the
-  partitioner decides (it gathers for the QNode). README, "Where it runs".
+  partitioner decides how the registers are laid out. README, "Where it runs".
   """
   p = p.astype(jnp.promote_types(p.dtype, jnp.float32))
   if modulator.elementwise:
@@ -329,20 +330,24 @@ def _registers_all(p: jax.Array, modulator: _circuits.Modulator) -> jax.Array:
 def _modulation_all(ps, modulator: _circuits.Modulator) -> list[jax.Array]:
   """:func:`_registers_all` of every leaf of ``ps``, the circuit called once per precision.
 
-  The registers of all unsharded leaves of one precision are concatenated
-  (each leaf's entries row-major, its last register zero-padded) and go
-  through the circuit in one call (chunked like any large batch), and each
-  leaf takes its slice of the result back: the statevector simulation is
-  emitted once instead of once per leaf, which is most of the compile time
-  of scope ``"all"`` with many arrays. The registers are the same as
-  :func:`_registers_all`'s, so are the values. Explicitly sharded leaves
-  keep their own call (each device simulates its shard's registers), and so
-  does the closed form, which needs no registers.
+  In a process with one device, the registers of all leaves of one
+  precision are concatenated (each leaf's entries row-major, its last
+  register zero-padded) and go through the circuit in one call (chunked
+  like any large batch), and each leaf takes its slice of the result back:
+  the statevector simulation is emitted once instead of once per leaf,
+  which is most of the compile time of scope ``"all"`` with many arrays.
+  The registers are the same as :func:`_registers_all`'s, so are the
+  values. With several devices every leaf keeps its own call: leaves
+  sharded on Auto mesh axes look unsharded here, and one concatenation
+  would make the partitioner move them (all-to-alls every step) and
+  change the shardings of the leaves it joins. The closed form needs no
+  registers and is applied per leaf.
   """
   out: list = [None] * len(ps)
   groups: dict = {}
+  several_devices = jax.device_count() > 1
   for i, p in enumerate(ps):
-    if modulator.elementwise or _explicit_sharding(p) is not None:
+    if modulator.elementwise or several_devices:
       out[i] = _registers_all(p, modulator)
     else:
       groups.setdefault(jnp.dtype(jnp.promote_types(p.dtype, jnp.float32)), []).append(i)

@@ -78,3 +78,48 @@ def test_sharded_update_keeps_sharding_and_matches_unsharded(tmp_path):
           assert collectives["s"] == [], (mode, case, collectives)
         if mode != "auto":
           assert collectives["m"] == [], (mode, case, collectives)
+
+
+_AUTO_ALL = """
+import json, jax, jax.numpy as jnp, numpy as np, optax, qsgd_optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+assert jax.device_count() == 4
+mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+rng = np.random.default_rng(0)
+specs = {"a": P("x"), "b": P("x"), "c": P()}
+shapes = {"a": (512, 64), "b": (256, 128), "c": (5, 7)}
+params = {k: jax.device_put(jnp.asarray(rng.uniform(-2, 2, shapes[k]), jnp.float32),
+                            NamedSharding(mesh, specs[k])) for k in shapes}
+grads = jax.tree.map(lambda p: p * 0.5 + 0.1, params)
+tx = qsgd_optax.qsgd(1e-3, 0.5, circuit="paper", scope="all")
+state = tx.init(params)
+
+@jax.jit
+def step(params, state, grads):
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+text = step.lower(params, state, grads).compile().as_text()
+new, _ = step(params, state, grads)
+print(json.dumps({"specs": {k: str(new[k].sharding.spec) for k in new},
+                  "all_to_all": text.count(" all-to-all("), "all_gather": text.count(" all-gather(")}))
+"""
+
+
+def test_scope_all_keeps_auto_shardings_of_several_leaves_and_moves_nothing(tmp_path):
+  """Several leaves, some sharded on an Auto axis (invisible while tracing): every leaf keeps its
+  sharding, and the compiled step has no all-to-all or all-gather (the circuit runs where the
+  registers are)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  proc = subprocess.run([sys.executable, "-c", _AUTO_ALL], capture_output=True, text=True,
+                        env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["specs"] == {"a": str(jax_spec("x")), "b": str(jax_spec("x")), "c": str(jax_spec())}
+  assert report["all_to_all"] == 0 and report["all_gather"] == 0, report
+
+
+def jax_spec(*names):
+  from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
+  return PartitionSpec(*names)
