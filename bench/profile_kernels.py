@@ -57,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import make_step, make_tx, warm_process  # noqa: E402
 from _trees import layout_for_size, make_trees, many_leaf_shapes, parse_size, transformer_shapes  # noqa: E402
 
+from step_overhead import _combos_arg  # noqa: E402
+
 from qsgd_optax.tasks import cli  # noqa: E402
 
 DEFAULT_OUT = Path("bench") / "results" / "profile_kernels"
@@ -68,14 +70,11 @@ _NO_KERNEL = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", 
 
 
 def _combo(text: str) -> tuple[str, str, str]:
-  parts = text.split("/")
-  if (len(parts) != 3 or parts[0] not in ("paper", "entangled", "sine")
-      or parts[1] not in ("leaf", "model", "all")
-      or parts[2] not in ("gradient", "preconditioned", "update")):
-    raise argparse.ArgumentTypeError(
-        f"expected circuit/scope/modulate (paper|entangled|sine / leaf|model|all / "
-        f"gradient|preconditioned|update), got {text!r}")
-  return parts[0], parts[1], parts[2]
+  """One ``circuit/scope/modulate``, checked as ``bench/step_overhead.py`` checks its lists."""
+  combos = _combos_arg(text)
+  if len(combos) != 1:
+    raise argparse.ArgumentTypeError(f"expected one circuit/scope/modulate, got {text!r}")
+  return combos[0]
 
 
 def _size(text: str) -> int:

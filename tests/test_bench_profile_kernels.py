@@ -49,6 +49,8 @@ def test_bad_arguments_are_named():
   assert proc.returncode == 2 and "--leaves" in proc.stderr
   proc = _run("--combo", "paper/every/gradient")
   assert proc.returncode == 2 and "--combo" in proc.stderr
+  proc = _run("--combo", "paper/leaf/gradient,sine/all/gradient")
+  assert proc.returncode == 2 and "expected one circuit/scope/modulate" in proc.stderr
   proc = _run("--leaves", "4", "--size", "1M")
   assert proc.returncode == 2 and "not allowed with" in proc.stderr
 

@@ -89,10 +89,14 @@ def _two_steps(directory: Path) -> None:
   ckpt.close()
 
 
-def _restore(directory: Path, log=None):
+_LIKE_SAVED = object()
+
+
+def _restore(directory: Path, log=None, target=_LIKE_SAVED):
+  """``restore(target)`` on a fresh handle (default target: a tree shaped like :func:`_tree`)."""
   ckpt = _checkpoints.RunCheckpoints(directory, {"run": 1}, keep=3, resume=True)
   try:
-    return ckpt.restore(_tree(0.0), log=log)
+    return ckpt.restore(_tree(0.0) if target is _LIKE_SAVED else target, log=log)
   finally:
     ckpt.close()
 
@@ -252,12 +256,8 @@ def test_another_layout_is_refused_from_the_record_not_orbax_text(tmp_path, monk
     del target["b"]
   else:
     target["extra"] = jnp.zeros(2, jnp.float32)
-  ckpt = _checkpoints.RunCheckpoints(tmp_path, {"run": 1}, keep=3, resume=True)
-  try:
-    with pytest.raises(_checkpoints.CheckpointError, match=r"do not fit this run's state \(" + named):
-      ckpt.restore(target)
-  finally:
-    ckpt.close()
+  with pytest.raises(_checkpoints.CheckpointError, match=r"do not fit this run's state \(" + named):
+    _restore(tmp_path, target=target)
   assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("corrupt")) == []
   assert (tmp_path / "2").is_dir() and (tmp_path / "1").is_dir()
 
@@ -363,11 +363,7 @@ def test_targets_that_restore_as_the_saved_layout_are_accepted(tmp_path):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved)
   wide = {**abstract, "w": jax.ShapeDtypeStruct((4096,), np.float64)}
   for target in (None, abstract, wide):
-    ckpt = _checkpoints.RunCheckpoints(tmp_path, {"run": 1}, keep=3, resume=True)
-    try:
-      tree, progress = ckpt.restore(target)
-    finally:
-      ckpt.close()
+    tree, progress = _restore(tmp_path, target=target)
     assert progress["step"] == 2
     for key in saved:
       np.testing.assert_array_equal(np.asarray(tree[key]), np.asarray(saved[key]))
@@ -382,11 +378,7 @@ def test_an_optimizer_state_restores_without_a_target(tmp_path):
   ckpt = _checkpoints.RunCheckpoints(tmp_path, {"run": 1}, keep=3, resume=False)
   ckpt.save(1, state, {"step": 1})
   ckpt.close()
-  ckpt = _checkpoints.RunCheckpoints(tmp_path, {"run": 1}, keep=3, resume=True)
-  try:
-    tree, progress = ckpt.restore(None)
-  finally:
-    ckpt.close()
+  tree, progress = _restore(tmp_path, target=None)
   assert progress["step"] == 1
   want = sorted(np.asarray(x).tobytes() for x in jax.tree.leaves(state))
   assert sorted(np.asarray(x).tobytes() for x in jax.tree.leaves(tree)) == want
